@@ -1,0 +1,1 @@
+"""Data: records, readers, packing into WebDataset shards, loaders, the synthetic benchmark."""
