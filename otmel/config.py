@@ -1,0 +1,138 @@
+"""Model configuration and the paper's Table-2 variants as presets of one model.
+
+Every variant is a set of overrides on `ModelConfig`: there is one model, not one fork per variant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+CAKind = Literal["ot", "att"]
+Pooling = Literal["softpool", "mean", "max"]
+KDKind = Literal["none", "kl", "mse", "kl_row"]
+
+
+@dataclass
+class ModelConfig:
+    # --- encoder -------------------------------------------------------------------------------
+    # "tiny": a small random CLIP built from a config plus a tokenizer built locally (no downloads) for
+    # tests, CI and the demo. Anything else is passed to `CLIPModel.from_pretrained` (a hub id such as
+    # "openai/clip-vit-base-patch32", or a local directory) — the paper's encoder.
+    pretrained: str = "tiny"
+    # Sizes of the tiny preset only (ignored for pretrained models). Small enough for 2 CPU cores.
+    tiny_width: int = 64  # transformer width of both towers and the shared projection width d
+    tiny_layers: int = 2
+    tiny_heads: int = 2
+    tiny_vocab_size: int = 2048  # the locally trained byte-level BPE
+    tiny_image_size: int = 48  # pixels; patches of `tiny_patch_size` give (48/8)^2 + 1 = 37 visual tokens
+    tiny_patch_size: int = 8
+    max_len: int = 40  # text tokens per mention / entity, as in the paper
+    # False for text-only datasets (MELBench): the vision tower is never run and every visual term
+    # (S_V, L_V, the image half of fusion) is switched off, instead of being averaged in as noise.
+    use_images: bool = True
+
+    # --- correlation assignment (Eq. 6-12) -------------------------------------------------------
+    hidden_dim: int = 96  # width of the query/key projections Wq, Wk (the paper's hidden width 96)
+    fusion_ca: CAKind = "ot"  # CA inside multimodal fusion (F1: "att")
+    match_ca: CAKind = "ot"  # CA inside unimodal matching (M1: "att")
+    reg: float = 0.05  # entropic regularisation, POT convention K = exp(-C / reg) (release: 0.05)
+    n_iters: int = 3  # Sinkhorn iterations (release: 3); the maximum when stop_thr is set
+    stop_thr: float | None = None  # optional marginal-error tolerance for early stopping
+    # The release detaches the cost of the pairwise matcher (saves backward memory); off by default so
+    # gradients flow through the unrolled Sinkhorn iterations as the method describes.
+    detach_match_cost: bool = False
+
+    # --- fusion, matching, pooling (Eq. 13-24) ---------------------------------------------------
+    use_fusion: bool = True  # S_F and L_F (F2: False)
+    use_matching: bool = True  # S_T, S_V and their losses (M2: False)
+    pooling: Pooling = "softpool"  # O1: "mean", O2: "max"
+    # CLS-only baseline: score with the pooled [CLS]/EOS text and image embeddings alone, no CA at all.
+    cls_only: bool = False
+    # Entities scored per chunk by the pairwise matcher: peak memory is O(Bm * chunk * Le * Lm).
+    match_chunk: int = 64
+
+    # --- scores and losses (Eq. 25-29) -----------------------------------------------------------
+    # Scores are inner products of L2-normalised features (cosines) times a learned CLIP-style logit
+    # scale. With raw inner products a randomly initialised encoder gives logits of arbitrary size.
+    logit_scale_init: float = 10.0
+    kd: KDKind = "none"  # KD: "kl" (Eq. 28-29), K1: "mse", K2: "kl_row" (one direction)
+    kd_weight: float = 1.0  # weight of L_KD in J = L + w * L_KD
+    # Teacher distribution of the distillation. "plan": the plan's own row/column distribution
+    # Pi_i. / sum(Pi_i.). "softmax": softmax(Pi_i.) literally as Eq. 28 writes it; plan entries lie in
+    # [0, 1/n], so that target is within a factor e^(1/n) of uniform and carries almost no signal.
+    kd_target: Literal["plan", "softmax"] = "plan"
+
+    variant: str = "OT"  # the Table-2 id this config was built from (recorded, not interpreted)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "fusion_ca": self.fusion_ca in ("ot", "att"),
+            "match_ca": self.match_ca in ("ot", "att"),
+            "pooling": self.pooling in ("softpool", "mean", "max"),
+            "kd": self.kd in ("none", "kl", "mse", "kl_row"),
+            "kd_target": self.kd_target in ("plan", "softmax"),
+            "reg": self.reg > 0,
+            "n_iters": self.n_iters >= 1,
+            "match_chunk": self.match_chunk >= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid ModelConfig value(s) for {bad}: " + str({k: getattr(self, k) for k in bad}))
+        if not (self.use_fusion or self.use_matching or self.cls_only):
+            raise ValueError("ModelConfig: at least one of use_fusion / use_matching / cls_only must be on")
+        if self.kd != "none" and "ot" not in (self.fusion_ca, self.match_ca):
+            raise ValueError("ModelConfig: distillation needs an OT teacher (fusion_ca or match_ca = 'ot')")
+
+    @classmethod
+    def from_variant(cls, variant: str, **overrides: Any) -> ModelConfig:
+        """Build the config of a Table-2 variant (`OT`, `F1`, ..., `K2`, or `CLS`), then apply overrides."""
+        key = variant.upper()
+        if key not in VARIANTS:
+            raise KeyError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
+        return cls(**{**VARIANTS[key], "variant": key, **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Strict construction: an unknown key is an error that names the key."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise KeyError(f"unknown model config key(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def inference_ca(self) -> str:
+        """What the correlation assignments run at inference: the KD model swaps OT for its student ATT."""
+        return "student" if self.kd != "none" else "teacher"
+
+
+# Table 2 / Table 6 of the paper, as overrides of the full model (OT).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "OT": {},
+    "F1": {"fusion_ca": "att"},
+    "F2": {"use_fusion": False},
+    "M1": {"match_ca": "att"},
+    "M2": {"use_matching": False},
+    "A1": {"fusion_ca": "att", "match_ca": "att"},
+    "K3": {"fusion_ca": "att", "match_ca": "att"},
+    "O1": {"pooling": "mean"},
+    "O2": {"pooling": "max"},
+    "KD": {"kd": "kl"},
+    "K1": {"kd": "mse"},
+    "K2": {"kd": "kl_row"},
+    "CLS": {"cls_only": True, "use_fusion": False, "use_matching": False},
+}
+
+TABLE2_VARIANTS: tuple[str, ...] = ("OT", "F1", "F2", "M1", "M2", "A1", "O1", "O2", "KD", "K1", "K2")
+
+
+def variant_names() -> list[str]:
+    return list(VARIANTS)
+
+
+__all__ = ["ModelConfig", "VARIANTS", "TABLE2_VARIANTS", "variant_names"]

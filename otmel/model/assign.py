@@ -1,0 +1,124 @@
+"""Correlation assignment (CA), Eq. 6-12: one interface for attention (ATT) and optimal transport (OT).
+
+Given queries X (..., n, dim) and keys/values Y (..., m, dim), with Q = X Wq, K = Y Wk (width `hidden`)
+and H = Y Wv (width `dim`):
+
+- ATT: S = Q K^T / sqrt(hidden), A = softmax_row(S) over the valid keys.
+- OT:  C = (1 - cos(Q_i, K_j)) / 2, Pi* = Sinkhorn(C) with uniform marginals over the valid elements,
+       A = n_valid * Pi* (each valid row sums to 1: a barycentric average like attention).
+
+Either way G = A H (..., n, dim). Masked query rows of A are 0, so their G is 0, never NaN.
+
+Distillation (Sec. 3.4) gives an OT module a *student*: its own Wq', Wk' (sharing Wv) whose attention
+replaces the plan at inference. `mode` selects what runs:
+- "teacher": the configured kind (OT or ATT);
+- "student": the student attention (the KD model at inference);
+- "both":    the teacher's A for G, plus the student's logits for the distillation loss (KD training).
+
+Projections are split from the assignment so that the entity side (queries of the pairwise matcher) can
+be computed once per KG and cached.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from otmel.ot import cosine_cost, plan_to_assignment, sinkhorn
+
+Mode = Literal["teacher", "student", "both"]
+
+
+@dataclass
+class Assignment:
+    A: torch.Tensor  # (..., n, m) row-stochastic over valid keys; 0 on masked rows/columns
+    raw: torch.Tensor  # (..., n, m) the raw scores: the OT plan Pi*, or the attention logits S
+    student_logits: torch.Tensor | None  # (..., n, m) student attention logits ("both" only)
+    mask_x: torch.Tensor  # (..., n) bool
+    mask_y: torch.Tensor  # (..., m) bool
+
+
+def masked_softmax(logits: torch.Tensor, mask_x: torch.Tensor, mask_y: torch.Tensor) -> torch.Tensor:
+    """Row softmax over valid columns; masked rows and columns are exactly 0 (no NaN when all masked)."""
+    neg = torch.finfo(logits.dtype).min
+    A = torch.softmax(logits.masked_fill(~mask_y.unsqueeze(-2), neg), dim=-1)
+    return A * (mask_x.unsqueeze(-1) & mask_y.unsqueeze(-2))
+
+
+class CorrelationAssignment(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        kind: Literal["ot", "att"],
+        *,
+        reg: float = 0.05,
+        n_iters: int = 3,
+        stop_thr: float | None = None,
+        student: bool = False,
+        detach_cost: bool = False,
+    ) -> None:
+        super().__init__()
+        self.kind, self.reg, self.n_iters, self.stop_thr = kind, reg, n_iters, stop_thr
+        self.detach_cost = detach_cost
+        self.scale = 1.0 / math.sqrt(hidden)
+        self.wq, self.wk, self.wv = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(dim, dim)
+        self.student = student
+        if student:
+            self.wq_s, self.wk_s = nn.Linear(dim, hidden), nn.Linear(dim, hidden)
+
+    # -- projections --------------------------------------------------------------------------------
+    def queries(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Query-side projections of X (..., n, dim): `q` and, with a student, `q_s` (..., n, hidden)."""
+        out = {"q": self.wq(x)}
+        if self.student:
+            out["q_s"] = self.wq_s(x)
+        return out
+
+    def keys(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Key/value-side projections of Y (..., m, dim): `k` (..., m, hidden), `h` (..., m, dim), `k_s`."""
+        out = {"k": self.wk(y), "h": self.wv(y)}
+        if self.student:
+            out["k_s"] = self.wk_s(y)
+        return out
+
+    # -- assignment -----------------------------------------------------------------------------------
+    def assign(
+        self,
+        qx: dict[str, torch.Tensor],
+        ky: dict[str, torch.Tensor],
+        mask_x: torch.Tensor,
+        mask_y: torch.Tensor,
+        mode: Mode = "teacher",
+    ) -> Assignment:
+        """The assignment matrix of projected queries to keys; leading dims broadcast."""
+        if mode == "student":
+            if not self.student:
+                raise ValueError("mode='student' on a CA module built without a student")
+            S = torch.matmul(qx["q_s"], ky["k_s"].transpose(-1, -2)) * self.scale
+            return Assignment(masked_softmax(S, mask_x, mask_y), S, None, mask_x, mask_y)
+        if self.kind == "att":
+            raw = torch.matmul(qx["q"], ky["k"].transpose(-1, -2)) * self.scale
+            A = masked_softmax(raw, mask_x, mask_y)
+        else:
+            cost = cosine_cost(qx["q"], ky["k"])  # (..., n, m) in [0, 1]
+            if self.detach_cost:
+                cost = cost.detach()
+            raw = sinkhorn(cost, mask_x, mask_y, reg=self.reg, n_iters=self.n_iters, stop_thr=self.stop_thr)
+            A = plan_to_assignment(raw, mask_x)
+        student_logits = None
+        if mode == "both" and self.student:
+            student_logits = torch.matmul(qx["q_s"], ky["k_s"].transpose(-1, -2)) * self.scale
+        return Assignment(A, raw, student_logits, mask_x, mask_y)
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor, mask_y: torch.Tensor, mode: Mode = "teacher"
+    ) -> tuple[torch.Tensor, Assignment]:
+        """G = A H: the features of Y transported to each query of X. Returns (G (..., n, dim), Assignment)."""
+        ky = self.keys(y)
+        a = self.assign(self.queries(x), ky, mask_x, mask_y, mode)
+        return torch.matmul(a.A, ky["h"]), a

@@ -1,0 +1,40 @@
+"""Small configs and random batches for model tests (shapes follow docs/design.md)."""
+
+from __future__ import annotations
+
+import torch
+
+from otmel.config import ModelConfig
+
+L, S = 16, 16  # tokens per text, image pixels (patch 8 -> 4 patches + class token)
+
+
+def tiny_cfg(variant: str = "OT", **kw: object) -> ModelConfig:
+    base = dict(tiny_width=32, tiny_layers=1, tiny_heads=2, tiny_image_size=S, tiny_patch_size=8,
+                max_len=L, hidden_dim=16, match_chunk=64)
+    return ModelConfig.from_variant(variant, **{**base, **kw})
+
+
+def random_batch(B: int = 6, *, seed: int = 0, images: bool = True, missing: tuple[int, ...] = (4,)) -> dict:
+    """A batch with varied text lengths, one missing mention image and one missing entity image."""
+    g = torch.Generator().manual_seed(seed)
+    b: dict[str, torch.Tensor] = {}
+    for p in "me":
+        ids = torch.randint(4, 500, (B, L), generator=g)
+        lens = torch.randint(4, L + 1, (B,), generator=g)
+        am = (torch.arange(L).unsqueeze(0) < lens.unsqueeze(1)).long()
+        b[f"{p}_input_ids"] = ids * am
+        b[f"{p}_attention_mask"] = am
+        b[f"{p}_pixel_values"] = torch.randn(B, 3, S, S, generator=g)
+        mask = torch.full((B,), images)
+        for i in missing:
+            mask[i if p == "m" else (i + 1) % B] = False
+        b[f"{p}_image_mask"] = mask
+    b["e_index"] = torch.arange(B) * 3  # gold entity rows in some KG
+    b["m_index"] = torch.arange(B)
+    return b
+
+
+def entity_batch(b: dict, idx: slice | torch.Tensor) -> dict:
+    """The entity half of a batch (as a KG stream yields it), restricted to `idx`."""
+    return {k: v[idx] for k, v in b.items() if k.startswith("e_")}
