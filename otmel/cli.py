@@ -103,7 +103,27 @@ def _cmd_verify(sub: argparse._SubParsersAction) -> None:
 # ------------------------------------------------------------------------------------------- model
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_cmd_synth, _cmd_pack, _cmd_verify]
+def _cmd_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train OT-MEL on Ray Train (+ DeepSpeed); no arguments: the embedded synthetic default",
+        description="Train OT-MEL with Ray Train. With no arguments: start a local Ray, generate and pack the "
+        "synthetic benchmark if absent, train the tiny model on 2 CPU workers, evaluate, print the table.",
+    )
+    p.add_argument("--config", default=None, help="YAML run config (default: configs/synth.yaml)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run stored in RUN_DIR")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides such as train.epochs=2")
+
+    def run(args: argparse.Namespace) -> int:
+        from otmel.train.launch import main as train_main
+
+        train_main(args.config, args.overrides, args.resume)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_cmd_synth, _cmd_pack, _cmd_verify, _cmd_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

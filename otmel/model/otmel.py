@@ -40,7 +40,8 @@ class OTMEL(nn.Module):
             self.match_t = UnimodalMatcher(cfg, d)
             if cfg.use_images:
                 self.match_v = UnimodalMatcher(cfg, d)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
+        # shape (1,), not a 0-dim scalar: DeepSpeed 0.19.8 cannot broadcast 0-dim parameters
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(cfg.logit_scale_init)))
 
     def _mode(self) -> Mode:
         if self.cfg.kd == "none":

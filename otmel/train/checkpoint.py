@@ -1,0 +1,103 @@
+"""Checkpoints: everything a resumed run needs to continue exactly where an uninterrupted one would be.
+
+Layout of one checkpoint directory (Ray Train merges the per-rank files into one directory):
+- `model.safetensors`      model weights (rank 0)
+- `best.safetensors`       weights of the best dev-MRR epoch so far, when one exists (rank 0)
+- `state.json`             epoch, step in epoch, global step, best MRR/epoch, history, the run config (rank 0)
+- `optim-rank{r}.pt`       that rank's optimizer state (its ZeRO partition), LR scheduler and RNG states
+
+Weights are safetensors; the `.pt` files hold only tensors and plain Python values and are read with
+`torch.load(weights_only=True)`: loading a checkpoint never unpickles code. Every file is written to a
+temporary name and renamed, so a crash never leaves a truncated file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from otmel.train.engine import Engine, load_state_file, save_state_file
+
+MODEL, BEST, STATE = "model.safetensors", "best.safetensors", "state.json"
+
+
+def _atomic_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def _atomic_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def save_checkpoint(
+    directory: Path,
+    *,
+    rank: int,
+    model: nn.Module,
+    engine: Engine,
+    state: dict[str, Any],
+    best: dict[str, torch.Tensor] | None,
+    config: dict[str, Any],
+) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_state_file(
+        {"optimizer": engine.optimizer_state(), "scheduler": engine.scheduler_state(), "rng": rng_state()},
+        directory / f"optim-rank{rank}.pt",
+    )
+    if rank == 0:
+        meta = {"format": "otmel-checkpoint-1"}
+        _atomic_safetensors(model.state_dict(), directory / MODEL, meta)
+        if best is not None:
+            _atomic_safetensors(best, directory / BEST, meta)
+        _atomic_json({**state, "config": config}, directory / STATE)
+
+
+def load_checkpoint(
+    directory: Path, *, rank: int, model: nn.Module, engine: Engine | None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """Restore model (+ optimizer, scheduler, RNG of this rank); returns (train state, best weights)."""
+    model.load_state_dict(load_file(str(directory / MODEL)))
+    state = json.loads((directory / STATE).read_text())
+    state.pop("config", None)
+    best = load_file(str(directory / BEST)) if (directory / BEST).exists() else None
+    if engine is not None:
+        blob = load_state_file(directory / f"optim-rank{rank}.pt")
+        engine.load_optimizer_state(blob["optimizer"])
+        engine.load_scheduler_state(blob["scheduler"])
+        set_rng_state(blob["rng"])
+    return state, best
+
+
+def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Weights of a checkpoint directory (its best weights if present) or a .safetensors file."""
+    if path.is_dir():
+        path = path / BEST if (path / BEST).exists() else path / MODEL
+    return load_file(str(path))

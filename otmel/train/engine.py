@@ -1,0 +1,139 @@
+"""Training engines: DeepSpeed (default) or torch DDP, behind one small interface.
+
+Both read the same DeepSpeed JSON (`configs/deepspeed/*.json`): ZeRO stage, precision, gradient clipping
+and the LR schedule (`WarmupCosineLR`; DDP uses DeepSpeed's own scheduler class on a torch optimizer, so
+the two strategies follow the same schedule). The optimizer is always torch's AdamW: DeepSpeed's own
+"AdamW" JIT-builds a fused CPU Adam (~50 s on CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from otmel.train.config import TrainConfig
+
+
+def load_ds_config(train: TrainConfig, total_steps: int, use_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON with the run's values filled in (batch size, clipping, schedule, precision)."""
+    with open(train.deepspeed_config) as f:
+        ds = json.load(f)
+    ds = copy.deepcopy(ds)
+    ds["train_micro_batch_size_per_gpu"] = train.batch_size
+    ds.setdefault("gradient_accumulation_steps", 1)
+    ds.pop("train_batch_size", None)
+    ds["gradient_clipping"] = train.grad_clip
+    sched = ds.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}})
+    sched["params"].update(total_num_steps=max(1, total_steps), warmup_num_steps=train.warmup_steps)
+    # bf16 on GPU; fp32 on CPU (DeepSpeed on CPU runs fp32; the JSON may ask for bf16 on GPU only).
+    if not use_gpu:
+        ds.pop("bf16", None)
+        ds.pop("fp16", None)
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+class Engine:
+    """model + optimizer + LR schedule; `forward`, `step(loss)`, and state for checkpoints."""
+
+    def __init__(self, model: nn.Module, train: TrainConfig, total_steps: int, world_size: int, use_gpu: bool) -> None:
+        self.strategy = train.strategy
+        self.ds_config = load_ds_config(train, total_steps, use_gpu)
+        self.module = model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        sched_params = self.ds_config["scheduler"]["params"]
+        if self.strategy == "deepspeed":
+            import deepspeed
+
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=self.ds_config
+            )
+            self.forward_module: nn.Module = self.engine
+        else:
+            from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+            self.optimizer = optimizer
+            self.scheduler = WarmupCosineLR(optimizer, **sched_params)
+            self.forward_module = (
+                nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+            )
+        self.grad_clip = train.grad_clip
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward_module(*args, **kwargs)
+
+    def step(self, loss: torch.Tensor) -> None:
+        if self.strategy == "deepspeed":
+            self.engine.backward(loss)
+            self.engine.step()
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds_config.get("zero_optimization", {}).get("stage", 0)) if self.strategy == "deepspeed" else 0
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """This rank's optimizer state (its ZeRO partition) in types `torch.load(weights_only=True)` accepts."""
+        return _plain(self.optimizer.state_dict())
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        if self.zero_stage >= 1:
+            # ZeRO takes one entry per data-parallel rank and reads its own; the model's weights (loaded
+            # first) give the fp32 master partition (fp32 training: they are identical).
+            import torch.distributed as dist
+
+            world, rank = dist.get_world_size(), dist.get_rank()
+            self.optimizer.load_state_dict([state if r == rank else None for r in range(world)])
+        else:
+            self.optimizer.load_state_dict(state)
+
+    def scheduler_state(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_scheduler_state(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state)
+
+    def train(self) -> None:
+        self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
+
+
+def _plain(obj: Any) -> Any:
+    """Strip DeepSpeed's Python objects from an optimizer state: enums become their values; the loss
+    scaler (static in fp32/bf16) and the param-slice mappings (rebuilt at initialisation) are dropped."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items() if k not in ("loss_scaler", "param_slice_mappings")}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_plain(v) for v in obj)
+    if isinstance(obj, Enum):
+        return obj.value
+    return obj
+
+
+def save_state_file(obj: Any, path: Path) -> None:
+    """torch.save to a temp name, then rename: a crash never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def load_state_file(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,139 @@
+"""The driver of a training run: prepare data, start (or join) Ray, fit a TorchTrainer, write results.
+
+`ray_jobs/train.py` and `otmel train` both reach `main(...)` through `otmel.cli`: one code path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from otmel.train.config import RunConfig, load_config
+
+DEFAULT_CONFIG = "configs/synth.yaml"
+
+
+def prepare_data(cfg: RunConfig) -> None:
+    """Generate the synthetic benchmark if asked and absent; pack the source if the shards are absent."""
+    shards = Path(cfg.data.shards)
+    if (shards / "manifest.json").exists():
+        return
+    src = Path(cfg.data.source)
+    if cfg.data.format == "cleaned" and cfg.data.synth_if_missing and not (src / "synth_stats.json").exists():
+        from otmel.data.synth import generate
+
+        print(f"[otmel] generating the synthetic benchmark into {src} ...", flush=True)
+        generate(src, seed=cfg.data.synth_seed, scale=cfg.data.synth_scale)
+    if not src.exists():
+        raise FileNotFoundError(f"data.source {src} does not exist and no shards at {shards}")
+    from otmel.data.pack import pack
+
+    print(f"[otmel] packing {src} ({cfg.data.format}) into {shards} ...", flush=True)
+    pack(src, cfg.data.format, shards, shard_size=250, split_seed=cfg.data.split_seed)
+
+
+def _absolute(cfg: RunConfig) -> None:
+    """Workers may run elsewhere (cwd of a job, another node): hand them absolute local paths."""
+    for sec, key in (("data", "source"), ("data", "shards"), ("train", "deepspeed_config"), ("run", "storage")):
+        obj = getattr(cfg, sec)
+        val = getattr(obj, key)
+        if "://" not in val:
+            setattr(obj, key, str(Path(val).expanduser().resolve()))
+
+
+def _worker_env(cfg: RunConfig) -> dict[str, str]:
+    env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(cfg.scaling.cpus_per_worker)}
+    for k in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME",
+              "TORCH_EXTENSIONS_DIR", "RAY_TRAIN_COLLECTIVE_TIMEOUT_S"):
+        if os.environ.get(k):
+            env[k] = os.environ[k]
+    if not cfg.scaling.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # CPU workers only: never forced on GPU nodes
+    return env
+
+
+def init_ray(cfg: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": _worker_env(cfg)}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:  # a local Ray; its dashboard listens on 127.0.0.1 only (it also serves the State API that Ray
+        # Train's placement-group cleaner polls; without it that cleaner warns every second)
+        need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+        ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env=runtime_env, log_to_driver=True)
+
+
+def fit(cfg: RunConfig, run_name: str) -> dict[str, Any]:
+    """Run the TorchTrainer; returns results (also written to RUN_DIR/results.json)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from otmel.train.loop import train_worker
+
+    run_dir = Path(cfg.run.storage) / run_name
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"run": cfg.to_dict(), "run_dir": str(run_dir)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            storage_path=cfg.run.storage, name=run_name,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+        ),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - t0
+    metrics = dict(result.metrics or {})
+    results = {
+        "run_dir": str(run_dir),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "wall_seconds": wall,
+        "metrics": metrics,
+        "config": cfg.to_dict(),
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
+    tmp.replace(run_dir / "results.json")
+    return results
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    cols = ["H@1", "H@3", "H@5", "MRR", "MR"]
+    lines = ["split  " + "  ".join(f"{c:>7}" for c in cols)]
+    for split in ("dev", "test"):
+        if f"{split}/MRR" in metrics:
+            vals = [metrics[f"{split}/{c}"] for c in cols]
+            cells = [f"{100 * v:7.2f}" for v in vals[:-1]] + [f"{vals[-1]:7.1f}"]
+            lines.append(f"{split:<6} " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def main(config: str | None = None, overrides: list[str] | None = None, resume: str | None = None) -> dict[str, Any]:
+    """Train from a YAML config (default: the embedded synthetic one) with `section.key=value` overrides;
+    `resume` continues the run stored in that run directory."""
+    cfg = load_config(config or DEFAULT_CONFIG, overrides)
+    if resume:
+        run_dir = Path(resume).resolve()
+        cfg.run.storage, cfg.run.name = str(run_dir.parent), run_dir.name
+    run_name = cfg.run.name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    prepare_data(cfg)
+    _absolute(cfg)
+    init_ray(cfg)
+    results = fit(cfg, run_name)
+    print("\n" + format_table(results["metrics"]))
+    print(f"\nrun directory: {results['run_dir']}\nresults:       {results['run_dir']}/results.json"
+          f"\ncheckpoint:    {results['checkpoint']}\nwall time:     {results['wall_seconds']:.0f} s")
+    return results
