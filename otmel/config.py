@@ -91,7 +91,7 @@ class ModelConfig:
         key = variant.upper()
         if key not in VARIANTS:
             raise KeyError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
-        return cls(**{**VARIANTS[key], "variant": key, **overrides})
+        return cls.from_dict({**VARIANTS[key], "variant": key, **overrides})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:

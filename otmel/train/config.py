@@ -6,6 +6,8 @@ Loading is strict: an unknown or mistyped key fails at start-up with the key nam
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -100,6 +102,41 @@ class RunConfig:
 _SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check / convert a YAML value to the field's type, naming the key on error.
+
+    YAML 1.1 reads `3e-4` (no dot) as a string; a float field takes it as the number it means."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"config key {key!r}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except (TypeError, ValueError) as exc:
+                errors.append(str(exc))
+        raise ValueError(f"config key {key!r}: {value!r} fits none of {args}")
+    if tp is float and isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"config key {key!r}: {value!r} is not a number") from None
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (bool, str) and isinstance(value, tp):
+        return value
+    if tp in (int, bool, str):
+        raise TypeError(f"config key {key!r}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
 def _build(cls: type, d: dict[str, Any], where: str) -> Any:
     if not isinstance(d, dict):
         raise TypeError(f"config section {where or '<root>'!r} must be a mapping, got {type(d).__name__}")
@@ -108,10 +145,14 @@ def _build(cls: type, d: dict[str, Any], where: str) -> Any:
     if unknown:
         raise KeyError(f"unknown config key(s) {[where + k for k in unknown]}; known in "
                        f"{where.rstrip('.') or 'the top level'}: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
     kw = {}
     for k, v in d.items():
         sub = fields[k].default_factory if fields[k].default_factory is not dataclasses.MISSING else None
-        kw[k] = _build(type(sub()), v, f"{where}{k}.") if sub is not None and dataclasses.is_dataclass(sub()) else v
+        if sub is not None and dataclasses.is_dataclass(sub()):
+            kw[k] = _build(type(sub()), v, f"{where}{k}.")
+        else:
+            kw[k] = _coerce(v, hints[k], where + k)
     return cls(**kw)
 
 

@@ -1,0 +1,131 @@
+"""Training pieces that need no Ray: run config, engine state, evaluation, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from otmel.config import ModelConfig
+from otmel.metrics import gold_ranks
+from otmel.model import OTMEL
+from otmel.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from otmel.train.config import RunConfig, load_config
+from otmel.train.engine import load_ds_config
+from otmel.train.evaluate import encode_kg, encode_split, gold_ranks_distributed
+from otmel.train.launch import format_table
+from tests.model_helpers import entity_batch, random_batch, tiny_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg.model_config(), ModelConfig)
+    assert (ROOT / cfg.train.deepspeed_config).exists()
+
+
+def test_unknown_keys_fail_at_start_up_naming_the_key() -> None:
+    with pytest.raises(KeyError, match=r"train\.epoch"):
+        load_config(ROOT / "configs/synth.yaml", ["train.epoch=3"])
+    with pytest.raises(KeyError, match="hiden_dim"):
+        load_config(ROOT / "configs/synth.yaml", ["model.hiden_dim=3"])
+    with pytest.raises(KeyError, match="trian"):
+        RunConfig.from_dict({"trian": {}})
+
+
+def test_overrides_are_yaml_typed() -> None:
+    cfg = load_config(ROOT / "configs/synth.yaml", ["train.lr=3e-4", "train.negatives=local", "model.variant=KD"])
+    assert cfg.train.lr == 3e-4 and cfg.train.negatives == "local"
+    assert cfg.model_config().kd == "kl"
+
+
+def test_deepspeed_config_is_filled_for_cpu_and_gpu() -> None:
+    cfg = load_config(ROOT / "configs/synth.yaml", ["train.batch_size=12", "train.grad_clip=0.5"])
+    cpu = load_ds_config(cfg.train, total_steps=100, use_gpu=False)
+    gpu = load_ds_config(cfg.train, total_steps=100, use_gpu=True)
+    assert cpu["train_micro_batch_size_per_gpu"] == 12 and cpu["gradient_clipping"] == 0.5
+    assert cpu["scheduler"]["params"]["total_num_steps"] == 100
+    assert "bf16" not in cpu and gpu["bf16"]["enabled"] is True
+
+
+def test_evaluation_ranks_equal_the_full_score_matrix() -> None:
+    """Entity cache in two KG batches, mentions chunked: ranks equal gold_ranks of the full S_O matrix."""
+    torch.manual_seed(0)
+    model = OTMEL(tiny_cfg("OT")).eval()
+    b = random_batch(8)
+    b["e_index"] = torch.arange(8)
+    b["e_index"][3] = 0  # two mentions share gold row 0: the KG holds it once
+    kg = [entity_batch(b, torch.tensor([0, 1, 2])), entity_batch(b, torch.tensor([4, 5, 6, 7]))]
+    with torch.no_grad():
+        entities = encode_kg(model, kg)
+        mentions, gold, order = encode_split(model, [b], world_size=1, image_size=16)
+        ranks = gold_ranks_distributed(model, mentions, gold, entities, world_size=1, mention_chunk=3)
+        S = model.score(mentions, entities).S_O
+    cols = {int(r): j for j, r in enumerate(entities.ids)}
+    want = gold_ranks(S, torch.tensor([cols[int(g)] for g in gold]))
+    assert torch.equal(ranks, want)
+    assert torch.equal(order, torch.arange(8))
+
+
+def test_evaluation_refuses_a_kg_without_the_gold() -> None:
+    model = OTMEL(tiny_cfg("OT")).eval()
+    b = random_batch(4, missing=(1,))
+    with torch.no_grad():
+        entities = encode_kg(model, [entity_batch(b, slice(0, 2))])
+        mentions, gold, _ = encode_split(model, [b], 1, 16)
+        with pytest.raises(RuntimeError, match="gold entities missing"):
+            gold_ranks_distributed(model, mentions, gold, entities, 1)
+
+
+class _FakeEngine:
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def optimizer_state(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_optimizer_state(self, s: dict) -> None:
+        self.opt.load_state_dict(s)
+
+    def scheduler_state(self) -> dict:
+        return {"last_batch_iteration": 7}
+
+    def load_scheduler_state(self, s: dict) -> None:
+        assert s == {"last_batch_iteration": 7}
+
+
+def test_checkpoint_roundtrip_restores_weights_optimizer_and_rng(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = OTMEL(tiny_cfg("OT"))
+    eng = _FakeEngine(model)
+    model(random_batch())["S_O"].sum().backward()
+    eng.opt.step()
+    rng = rng_state()
+    expected_draw = torch.rand(3)
+    set_rng_state(rng)
+    st = {"epoch": 1, "step_in_epoch": 2, "global_step": 6, "best_mrr": 0.5, "best_epoch": 1, "history": []}
+    best = {k: v.clone() for k, v in model.state_dict().items()}
+    save_checkpoint(tmp_path, rank=0, model=model, engine=eng, state=st, best=best, config={"x": 1})  # type: ignore[arg-type]
+    assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temp files
+    torch.rand(5)  # move the RNG on
+    torch.manual_seed(1)
+    fresh = OTMEL(tiny_cfg("OT"))
+    eng2 = _FakeEngine(fresh)
+    state, best2 = load_checkpoint(tmp_path, rank=0, model=fresh, engine=eng2)  # type: ignore[arg-type]
+    assert state == st and best2 is not None
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True))
+    got, want = eng2.opt.state_dict()["state"], eng.opt.state_dict()["state"]
+    assert got.keys() == want.keys() and len(got) > 10
+    assert all(torch.equal(got[i]["exp_avg"], want[i]["exp_avg"]) for i in want)
+    assert torch.equal(torch.rand(3), expected_draw)
+
+
+def test_final_table_lists_dev_and_test() -> None:
+    m = {f"{s}/{k}": 0.5 for s in ("dev", "test") for k in ("H@1", "H@3", "H@5", "MRR")}
+    m.update({"dev/MR": 3.0, "test/MR": 4.0})
+    table = format_table(m)
+    assert "dev" in table and "test" in table and "50.00" in table and "4.0" in table
