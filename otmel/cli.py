@@ -123,7 +123,24 @@ def _cmd_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_cmd_synth, _cmd_pack, _cmd_verify, _cmd_train]
+def _cmd_baseline(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("baseline", help="string-match and CLS-only baselines (default: the synthetic data)")
+    p.add_argument("--config", default=None, help="YAML run config (default: configs/synth.yaml)")
+    p.add_argument("--split", default="test", choices=["dev", "test"])
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides for the CLS-only run")
+
+    def run(args: argparse.Namespace) -> int:
+        from otmel.train.launch import baselines
+
+        baselines(args.config, args.overrides, args.split)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _cmd_synth, _cmd_pack, _cmd_verify, _cmd_train, _cmd_baseline,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -224,3 +224,15 @@ def test_all_parameters_receive_gradients() -> None:
         dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
         # HF's CLIP keeps a few parameters it never uses in our forward (its own pooled heads): allow none else.
         assert not [n for n in dead if "encoder." not in n or "_proj" in n], (v, dead)
+
+
+def test_matcher_checkpointing_gives_the_same_gradients() -> None:
+    b = random_batch()
+    grads = []
+    for ckpt in (True, False):
+        model = _model("OT", match_checkpoint=ckpt, match_chunk=2)
+        OTMELLoss()(**model(b))["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n

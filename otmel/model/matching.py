@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from otmel.config import ModelConfig
@@ -30,6 +31,7 @@ class UnimodalMatcher(nn.Module):
         self.ca = make_ca(cfg, dim, cfg.match_ca, detach_cost=cfg.detach_match_cost)
         self.pool = Pool(dim, cfg.pooling)
         self.chunk = cfg.match_chunk
+        self.checkpoint = cfg.match_checkpoint
 
     def entity_side(self, X_e: torch.Tensor) -> dict[str, torch.Tensor]:
         """Entity-only projections (cache these per KG): `q` (Be, Le, hidden) [+ `q_s`]."""
@@ -54,14 +56,26 @@ class UnimodalMatcher(nn.Module):
         cls_term = x_m @ x_e.t()  # (Bm, Be)
         km_b = {k: v.unsqueeze(1) for k, v in km.items()}  # (Bm, 1, Lm, .)
         mask_m_b = mask_m.unsqueeze(1)  # (Bm, 1, Lm)
+        keys = sorted(qe)
+
+        def chunk_scores(mask_e_c: torch.Tensor, x_e_c: torch.Tensor, *q: torch.Tensor) -> torch.Tensor:
+            qe_c = {k: v.unsqueeze(0) for k, v in zip(keys, q, strict=True)}  # (1, c, Le, hidden)
+            mask_e_c = mask_e_c.unsqueeze(0)  # (1, c, Le)
+            a = self.ca.assign(qe_c, km_b, mask_e_c, mask_m_b, mode)  # A: (Bm, c, Le, Lm)
+            g = self.pool.from_assignment(a.A, km_b["h"], mask_e_c)  # (Bm, c, d)
+            return (F.normalize(g, dim=-1) * x_e_c.unsqueeze(0)).sum(-1)  # (Bm, c)
+
+        # With checkpointing, backward keeps only each chunk's inputs and (Bm, c) output and recomputes the
+        # (Bm, c, Le, Lm) plans: activation memory grows with Bm * Be, not Bm * Be * Le * Lm.
+        recompute = self.checkpoint and torch.is_grad_enabled()
         out = []
         for s in range(0, x_e.shape[0], self.chunk):
             sl = slice(s, s + self.chunk)
-            qe_c = {k: v[sl].unsqueeze(0) for k, v in qe.items()}  # (1, c, Le, hidden)
-            mask_e_c = mask_e[sl].unsqueeze(0)  # (1, c, Le)
-            a = self.ca.assign(qe_c, km_b, mask_e_c, mask_m_b, mode)  # A: (Bm, c, Le, Lm)
-            g = self.pool.from_assignment(a.A, km_b["h"], mask_e_c)  # (Bm, c, d)
-            out.append((F.normalize(g, dim=-1) * x_e[sl].unsqueeze(0)).sum(-1))  # (Bm, c)
+            args = (mask_e[sl], x_e[sl], *(qe[k][sl] for k in keys))
+            if recompute:
+                out.append(torch.utils.checkpoint.checkpoint(chunk_scores, *args, use_reentrant=False))
+            else:
+                out.append(chunk_scores(*args))
         return (torch.cat(out, 1) + cls_term) / 2
 
     def paired_assignment(

@@ -137,3 +137,31 @@ def main(config: str | None = None, overrides: list[str] | None = None, resume: 
     print(f"\nrun directory: {results['run_dir']}\nresults:       {results['run_dir']}/results.json"
           f"\ncheckpoint:    {results['checkpoint']}\nwall time:     {results['wall_seconds']:.0f} s")
     return results
+
+
+def baselines(config: str | None = None, overrides: list[str] | None = None, split: str = "test") -> dict[str, Any]:
+    """The two reference points a trained model must beat on a dataset: string match (no training) and the
+    CLS-only dual encoder (pooled text + image embeddings, no correlation assignment), trained by the same
+    Ray code path and budget as the full model. Writes RUN_DIR/baselines.json."""
+    from otmel.data.baselines import string_match_metrics
+    from otmel.data.readers import read_dataset
+
+    cfg = load_config(config or DEFAULT_CONFIG, overrides)
+    prepare_data(cfg)
+    ds = read_dataset(Path(cfg.data.source), cfg.data.format, split_seed=cfg.data.split_seed, load_images=False)
+    t0 = time.perf_counter()
+    string = string_match_metrics(ds.splits[split], ds.entities)
+    string_s = time.perf_counter() - t0
+    cls_run = main(config, [*(overrides or []), "model.variant=CLS"])
+    cls = {k.split("/", 1)[1]: v for k, v in cls_run["metrics"].items() if k.startswith(f"{split}/")}
+    out = {"split": split, "string_match": string, "string_match_seconds": string_s, "cls_only": cls,
+           "cls_only_run": cls_run["run_dir"], "cls_only_seconds": cls_run["wall_seconds"]}
+    path = Path(cls_run["run_dir"]) / "baselines.json"
+    path.write_text(json.dumps(out, indent=2, sort_keys=True))
+    print(f"\nbaselines on {split}:")
+    for name in ("string_match", "cls_only"):
+        m = out[name]
+        print(f"  {name:<13} H@1 {100 * m['H@1']:6.2f}  H@3 {100 * m['H@3']:6.2f}  H@5 {100 * m['H@5']:6.2f}"
+              f"  MRR {100 * m['MRR']:6.2f}  MR {m['MR']:7.1f}")
+    print(f"written to {path}")
+    return out
