@@ -93,8 +93,8 @@ def _cmd_verify(sub: argparse._SubParsersAction) -> None:
             return 0
         for problem in report.problems:
             print(f"BAD {problem}", file=sys.stderr)
-        print(f"otmel verify: {len(report.bad_shards)} bad shard(s) in {args.shard_dir}: "
-              f"{', '.join(report.bad_shards) or '(manifest)'}", file=sys.stderr)
+        what = f"{len(report.bad_shards)} bad shard(s): {', '.join(report.bad_shards)}" if report.bad_shards else ""
+        print(f"otmel verify: {args.shard_dir} FAILED {what}".rstrip(), file=sys.stderr)
         return 1
 
     p.set_defaults(func=run)
