@@ -1,0 +1,384 @@
+"""Batched entropic optimal transport: log-domain Sinkhorn, plan → assignment, cosine cost.
+
+Everything here is plain PyTorch (no POT at run time; POT is the test oracle only), batched over any
+leading dimensions and differentiable through the unrolled iterations.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SinkhornNotConvergedWarning",
+    "cosine_cost",
+    "plan_to_assignment",
+    "sinkhorn",
+]
+
+Method = Literal["auto", "log", "kernel"]
+
+# Additive log-weight of a padded row/column in the log path. Finite (not -inf) so that a fully padded
+# row/column never makes logsumexp see only -inf (NaN forward and backward); 1e30 dwarfs any
+# |C| / reg, so exp() of every padded entry underflows to exactly 0.
+_NEG = -1e30
+# Check the marginal error every this many iterations when ``stop_thr`` is set (POT checks every 10).
+_CHECK_EVERY = 10
+# The kernel path is taken only when max(C) - min(C) <= reg * _KERNEL_MAX_RANGE[dtype] in every plan,
+# and its result is kept only when every scaling stays within exp(+-_KERNEL_MAX_LOG[dtype]).
+_KERNEL_MAX_RANGE = {torch.float32: 30.0, torch.float64: 300.0}
+_KERNEL_MAX_LOG = {torch.float32: 60.0, torch.float64: 600.0}
+
+
+class SinkhornNotConvergedWarning(UserWarning):
+    """``sinkhorn`` hit ``n_iters`` before the marginal error fell below ``stop_thr``."""
+
+
+def sinkhorn(
+    cost: Tensor,
+    mask_x: Tensor | None = None,
+    mask_y: Tensor | None = None,
+    *,
+    reg: float = 0.05,
+    n_iters: int = 3,
+    stop_thr: float | None = None,
+    warn: bool = True,
+    method: Method = "auto",
+    return_info: bool = False,
+) -> Tensor | tuple[Tensor, dict[str, Any]]:
+    r"""Entropic optimal transport plans of a batch of problems (Sinkhorn-Knopp, log domain).
+
+    Solves, independently for every batch element,
+
+    .. math::
+        \Pi^* = \mathop{\arg\min}_{\Pi \in \mathbb{R}_+^{n \times m}} \langle \Pi, C \rangle_F
+                - \mathrm{reg} \cdot H(\Pi)
+        \quad \text{s.t.} \quad \Pi \mathbf{1}_m = \mu, \quad \Pi^\top \mathbf{1}_n = \nu, \quad \Pi \ge 0
+
+    where
+
+    - :math:`C \in \mathbb{R}^{n \times m}` is the cost matrix (``cost[..., :, :]``),
+    - :math:`\langle \Pi, C \rangle_F = \sum_{ij} \Pi_{ij} C_{ij}` is the transport cost,
+    - :math:`H(\Pi) = -\sum_{ij} \Pi_{ij} (\log \Pi_{ij} - 1)` is the entropy of the plan,
+    - :math:`\mathrm{reg} > 0` is the entropic regularisation, with POT's convention: the Gibbs kernel
+      is :math:`K = \exp(-C / \mathrm{reg})` (so a small ``reg`` is close to exact OT),
+    - :math:`\mu_i = 1 / n_{valid}` on valid rows and 0 on padded rows, :math:`\nu_j = 1 / m_{valid}`
+      on valid columns and 0 on padded columns (uniform marginals over the unmasked elements).
+
+    The solution is :math:`\Pi^*_{ij} = \exp((f_i + g_j - C_{ij}) / \mathrm{reg})` with dual potentials
+    :math:`f, g` (here absorbed as :math:`\hat f = f / \mathrm{reg}, \hat g = g / \mathrm{reg}`),
+    found by alternating exact marginal projections [1], starting from :math:`\hat f = \hat g = 0`,
+    column update first (the same order as ``ot.sinkhorn(method="sinkhorn_log")``):
+
+    .. math::
+        \hat g_j \leftarrow \log \nu_j - \operatorname{logsumexp}_i (\hat f_i - C_{ij} / \mathrm{reg}),
+        \qquad
+        \hat f_i \leftarrow \log \mu_i - \operatorname{logsumexp}_j (\hat g_j - C_{ij} / \mathrm{reg}).
+
+    One iteration is one column and one row update, so after any number of iterations the rows of
+    the returned plan sum exactly to :math:`\mu` and the columns approximately to :math:`\nu`.
+
+    **Log path** (``method="log"``). With :math:`L = \hat f_i + \hat g_j - C_{ij}/\mathrm{reg}` (the log
+    plan) the two updates are exactly ``L = log_softmax(L, dim=-2) + log ν`` and
+    ``L = log_softmax(L, dim=-1) + log μ``, so each half-iteration is one fused, max-stabilised
+    log-softmax kernel over the batch instead of ~6 kernels for an explicit logsumexp of the
+    potentials [2, Remark 4.23], [3]. The constant parts of ``log μ``, ``log ν`` cancel in the next
+    softmax and are added once at the end. Stable for every ``reg`` (tested on [1e-3, 10]).
+
+    **Kernel path** (``method="kernel"``). The same iterates in the scaling domain,
+    :math:`v = \nu / (\tilde K^\top u)`, :math:`u = \mu / (\tilde K v)` with batched mat-vecs and a
+    single ``exp``: :math:`\tilde K = \exp(-(C - \min C) / \mathrm{reg})` (the minimum per plan,
+    detached: a constant shift of C does not change the plan). This is Schmitzer's stabilised scaling
+    [3] with a single absorption; it is exact as long as no scaling under/overflows, which holds
+    when :math:`(\max C - \min C)/\mathrm{reg}` is small.
+
+    ``method="auto"`` (default) uses the kernel path when :math:`(\max C - \min C)/\mathrm{reg}` is at
+    most 30 (float32) / 300 (float64) in every plan and all scalings stay within
+    :math:`e^{\pm 60}` / :math:`e^{\pm 600}`, and otherwise runs (or re-runs) the log path; this costs
+    one or two host synchronisations. ``"kernel"`` forces the kernel path without any check or host
+    sync (the caller guarantees the range; cosine costs lie in [0, 1], so ``reg >= 0.05`` is safe).
+
+    Measured on a 2-core CPU, (256, 40, 50) float32, reg 0.05, 3 iterations (``bench/sinkhorn.py``,
+    see ``docs/benchmarks.md``): an explicit logsumexp-of-potentials loop took ~11x a row softmax,
+    the log path ~3.7x, the kernel path ~2x.
+
+    **Masks.** ``mask_x`` (..., n) / ``mask_y`` (..., m), True = valid, broadcast against the leading
+    dimensions of ``cost``. They never index: the log path adds a large finite negative log-weight
+    (-1e30) to padded rows/columns, the kernel path gives them zero marginal weight (and zero initial
+    scaling). Padded rows and columns get exactly 0 mass; a problem with no valid row or no valid
+    column gets an all-zero plan (never NaN), and gradients w.r.t. padded costs are 0.
+
+    Args:
+        cost: (..., n, m) floating cost matrices (float16/bfloat16 are computed in float32).
+        mask_x: optional (..., n) bool, True for valid rows.
+        mask_y: optional (..., m) bool, True for valid columns.
+        reg: entropic regularisation, > 0 (POT's ``reg``: ``K = exp(-C / reg)``).
+        n_iters: number of iterations (one column and one row update each), >= 1; the maximum when
+            ``stop_thr`` is given. The method's default is a fixed budget of 3.
+        stop_thr: optional tolerance on the column-marginal error
+            :math:`\max_{\text{batch}} \lVert \Pi^\top \mathbf{1} - \nu \rVert_2`, checked every 10
+            iterations and at the last one (rows are exact after every iteration). ``None``: run
+            exactly ``n_iters`` iterations, never warn.
+        warn: emit :class:`SinkhornNotConvergedWarning` when ``stop_thr`` is given and not reached.
+        method: ``"auto"``, ``"log"`` or ``"kernel"`` (see above).
+        return_info: also return a dict with ``n_iters`` (iterations run), ``err`` (final
+            column-marginal error as above), ``converged`` (``err <= stop_thr``; ``None`` without
+            ``stop_thr``) and ``method`` (the path that produced the plan).
+
+    Returns:
+        The plans, shape ``broadcast(leading dims) + (n, m)``, dtype of ``cost``; each non-empty plan
+        has total mass 1. With ``return_info``, ``(plan, info)``.
+
+    References:
+        [1] M. Cuturi. Sinkhorn distances: lightspeed computation of optimal transport. NeurIPS 2013.
+        [2] G. Peyré and M. Cuturi. Computational optimal transport. Foundations and Trends in
+            Machine Learning 11(5-6), 2019.
+        [3] B. Schmitzer. Stabilized sparse scaling algorithms for entropy regularized transport
+            problems. SIAM Journal on Scientific Computing 41(3), 2019.
+    """
+    if cost.dim() < 2 or not cost.is_floating_point():
+        raise ValueError(f"cost must be a floating tensor of shape (..., n, m), got {cost.dtype} {tuple(cost.shape)}")
+    if not (math.isfinite(reg) and reg > 0):
+        raise ValueError(f"reg must be a finite positive number, got {reg}")
+    if n_iters < 1:
+        raise ValueError(f"n_iters must be >= 1, got {n_iters}")
+    if method not in ("auto", "log", "kernel"):
+        raise ValueError(f"method must be 'auto', 'log' or 'kernel', got {method!r}")
+
+    out_dtype = cost.dtype
+    if cost.dtype not in (torch.float32, torch.float64):
+        cost = cost.float()
+    n, m = cost.shape[-2:]
+    batch = cost.shape[:-2]
+    for name, mask, size in (("mask_x", mask_x, n), ("mask_y", mask_y, m)):
+        if mask is not None:
+            if mask.dim() < 1 or mask.shape[-1] != size:
+                raise ValueError(f"{name} must have shape (..., {size}), got {tuple(mask.shape)}")
+            batch = torch.broadcast_shapes(batch, mask.shape[:-1])
+    if batch != cost.shape[:-2]:
+        cost = cost.expand(*batch, n, m)
+    marg = _Marginals(mask_x, mask_y, n, m, cost)
+
+    plan: Tensor
+    info: dict[str, Any]
+    if cost.numel() == 0:
+        plan, info = cost.new_zeros(cost.shape), {"n_iters": 0, "err": 0.0, "converged": None}
+        info["method"] = "log"
+    elif method == "log":
+        plan, info = _sinkhorn_log(cost, marg, reg, n_iters, stop_thr)
+    else:
+        shift = cost.detach().amin(dim=(-2, -1), keepdim=True)  # per-plan min of the cost
+        if method == "auto" and not _kernel_range_ok(shift, cost, reg):
+            plan, info = _sinkhorn_log(cost, marg, reg, n_iters, stop_thr)
+        else:
+            plan, info = _sinkhorn_kernel(cost, shift, marg, reg, n_iters, stop_thr, check=method == "auto")
+        if plan is None:  # a scaling left the safe range: redo in the log domain
+            plan, info = _sinkhorn_log(cost, marg, reg, n_iters, stop_thr)
+
+    if stop_thr is None:
+        if return_info:
+            info["err"] = _marginal_error(plan.sum(-2, keepdim=True), marg.b)
+        info["converged"] = None
+    else:
+        info["converged"] = info["err"] <= stop_thr
+        if warn and not info["converged"]:
+            warnings.warn(
+                f"Sinkhorn did not converge: marginal error {info['err']:.3e} > stop_thr {stop_thr:.3e} "
+                f"after {info['n_iters']} iterations. Increase n_iters or reg.",
+                SinkhornNotConvergedWarning,
+                stacklevel=2,
+            )
+    plan = plan.to(out_dtype)
+    return (plan, info) if return_info else plan
+
+
+class _Marginals:
+    """Uniform marginals over the valid elements, as Python floats when nothing is masked.
+
+    ``a`` (..., n, 1) / ``b`` (..., 1, m): the marginals (0 on padding and in empty problems);
+    ``bias_x`` / ``bias_y``: additive log-weights (0 valid, ``_NEG`` padded) for the log path;
+    ``u0``: initial row scaling of the kernel path (1 valid, 0 padded); ``zero_a`` / ``zero_b``:
+    1.0 where the marginal is 0, added to kernel-path denominators so 0 / 0 never happens.
+    """
+
+    def __init__(self, mask_x: Tensor | None, mask_y: Tensor | None, n: int, m: int, like: Tensor) -> None:
+        self.masked = mask_x is not None or mask_y is not None
+        self.a: Tensor | float = 1.0 / n
+        self.b: Tensor | float = 1.0 / m
+        self.bias_x: Tensor | None = None
+        self.bias_y: Tensor | None = None
+        self.u0: Tensor | None = None
+        self.zero_a: Tensor | float = 0.0
+        self.zero_b: Tensor | float = 0.0
+        if not self.masked:
+            return
+        dev, dt = like.device, like.dtype
+        vx = _valid(mask_x, n, dev)
+        vy = _valid(mask_y, m, dev)
+        nx = vx.sum(-1, keepdim=True)
+        ny = vy.sum(-1, keepdim=True)
+        nonempty = (nx > 0) & (ny > 0)
+        a = torch.where(vx & nonempty, 1.0 / nx.clamp_min(1).to(dt), 0.0)
+        b = torch.where(vy & nonempty, 1.0 / ny.clamp_min(1).to(dt), 0.0)
+        self.a, self.b = a.unsqueeze(-1), b.unsqueeze(-2)
+        self.zero_a = (self.a == 0).to(dt)
+        self.zero_b = (self.b == 0).to(dt)
+        if mask_x is not None:
+            self.bias_x = torch.where(vx, 0.0, _NEG).to(dt).unsqueeze(-1)
+            self.u0 = vx.to(dt).unsqueeze(-1)
+        if mask_y is not None:
+            self.bias_y = torch.where(vy, 0.0, _NEG).to(dt).unsqueeze(-2)
+
+
+def _valid(mask: Tensor | None, size: int, device: torch.device) -> Tensor:
+    if mask is None:
+        return torch.ones(size, device=device, dtype=torch.bool)
+    return mask.to(device=device, dtype=torch.bool)
+
+
+def _marginal_error(col_sums: Tensor, b: Tensor | float) -> float:
+    """max over the batch of ||col_sums - b||_2, with ``col_sums`` and ``b`` shaped (..., 1, m)."""
+    err = (col_sums.detach() - b).square().sum(-1).sqrt()
+    return float(err.max()) if err.numel() else 0.0
+
+
+def _sinkhorn_log(
+    cost: Tensor, marg: _Marginals, reg: float, n_iters: int, stop_thr: float | None
+) -> tuple[Tensor, dict[str, Any]]:
+    """Alternating log-softmax normalisations of the log plan (see ``sinkhorn``)."""
+    log_p = cost * (-1.0 / reg)
+    if marg.bias_x is not None:
+        log_p = log_p + marg.bias_x
+    if marg.bias_y is not None:
+        log_p = log_p + marg.bias_y
+    err = math.nan
+    it = 0
+    plan: Tensor | None = None
+    for it in range(1, n_iters + 1):
+        log_p = torch.log_softmax(log_p, dim=-2)
+        if marg.bias_y is not None:
+            log_p = log_p + marg.bias_y
+        last = it == n_iters
+        check = stop_thr is not None and (it % _CHECK_EVERY == 0 or last)
+        if last and not check:  # fixed budget: fuse the final row normalisation and the exp
+            plan = torch.softmax(log_p, dim=-1) * marg.a
+            break
+        log_p = torch.log_softmax(log_p, dim=-1)
+        if check:
+            plan = torch.exp(log_p) * marg.a
+            err = _marginal_error(plan.sum(-2, keepdim=True), marg.b)
+            if err <= stop_thr or last:  # type: ignore[operator]
+                break
+        if marg.bias_x is not None:
+            log_p = log_p + marg.bias_x
+    assert plan is not None
+    return plan, {"n_iters": it, "err": err, "method": "log"}
+
+
+def _kernel_range_ok(shift: Tensor, cost: Tensor, reg: float) -> bool:
+    """Whether (max C - min C) / reg is small enough in every plan for the kernel path.
+
+    ``shift`` is the per-plan minimum. (Separate amin / amax: ``torch.aminmax`` over dims is ~30x
+    slower on CPU here.)
+    """
+    hi = cost.detach().amax(dim=(-2, -1), keepdim=True)
+    spread = hi - shift
+    return bool((torch.isfinite(spread) & (spread <= _KERNEL_MAX_RANGE[cost.dtype] * reg)).all())
+
+
+def _scaling_ok(s: Tensor, weight: Tensor | float, max_log: float) -> Tensor:
+    """|log s| <= max_log wherever the marginal weight is positive (False on NaN / inf / 0)."""
+    if isinstance(weight, Tensor):
+        s = torch.where(weight > 0, s, 1.0)
+    return (s.detach().log().abs() <= max_log).all()
+
+
+def _sinkhorn_kernel(
+    cost: Tensor,
+    shift: Tensor,
+    marg: _Marginals,
+    reg: float,
+    n_iters: int,
+    stop_thr: float | None,
+    check: bool,
+) -> tuple[Tensor | None, dict[str, Any]]:
+    """Scaling-domain iterations on the kernel shifted by the (detached) per-plan minimum ``shift``.
+
+    Returns ``(None, {})`` if ``check`` and a scaling left the safe range.
+    """
+    kern = torch.exp((cost - shift) * (-1.0 / reg))
+    a, b = marg.a, marg.b
+    # column sums of diag(u) K for u = u0 (1 on valid rows): a mat-vec, or a plain sum if unmasked
+    col = kern.sum(-2, keepdim=True) if marg.u0 is None else marg.u0.transpose(-1, -2) @ kern
+    err = math.nan
+    it = 0
+    plan: Tensor | None = None
+    u: Tensor | None = None
+    v: Tensor | None = None
+    for it in range(1, n_iters + 1):
+        v = b / (col + marg.zero_b)  # (..., 1, m)
+        last = it == n_iters
+        if last and stop_thr is None:  # fixed budget: fuse the final row update into the plan
+            kv = kern * v
+            u = a / (kv.sum(-1, keepdim=True) + marg.zero_a)
+            plan = kv * u
+            break
+        u = a / (kern @ v.transpose(-1, -2) + marg.zero_a)  # (..., n, 1)
+        col = u.transpose(-1, -2) @ kern
+        if stop_thr is not None and (it % _CHECK_EVERY == 0 or last):
+            err = _marginal_error(col * v, b)  # column sums of diag(u) K diag(v)
+            if err <= stop_thr:
+                break
+    assert u is not None and v is not None
+    if check:
+        dtype = cost.dtype
+        ok = _scaling_ok(u, a, _KERNEL_MAX_LOG[dtype]) & _scaling_ok(v, b, _KERNEL_MAX_LOG[dtype])
+        if not bool(ok):
+            return None, {}
+    if plan is None:
+        plan = u * kern * v
+    return plan, {"n_iters": it, "err": err, "method": "kernel"}
+
+
+def plan_to_assignment(plan: Tensor, mask_x: Tensor | None = None) -> Tensor:
+    """Rescale each row of a Sinkhorn plan to sum to 1: ``A = n_valid * plan`` (barycentric weights).
+
+    ``sinkhorn`` ends every iteration with the row update, so each valid row of its plan sums to
+    exactly ``1 / n_valid`` and ``n_valid * plan`` has rows summing to 1, like an attention matrix:
+    ``G = A @ H`` is then a barycentric average of the values. Rows that are padded (``mask_x``
+    False), or belong to an empty problem, are 0 in the plan and stay exactly 0 (never NaN).
+
+    Args:
+        plan: (..., n, m) transport plans from :func:`sinkhorn`.
+        mask_x: optional (..., n) bool row mask used for the plan (True = valid); ``None``: all n
+            rows are valid.
+
+    Returns:
+        (..., n, m) assignment matrix.
+    """
+    if mask_x is None:
+        return plan * plan.shape[-2]
+    n_valid = mask_x.to(torch.bool).sum(-1, keepdim=True).unsqueeze(-1)
+    return plan * n_valid.to(plan.dtype)
+
+
+def cosine_cost(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
+    """Cosine cost ``C_ij = (1 - cos(x_i, y_j)) / 2`` in [0, 1] (batched over leading dims).
+
+    Args:
+        x: (..., n, d) queries.
+        y: (..., m, d) keys; leading dims broadcast against ``x``.
+        eps: lower bound on the norms; a zero vector has cosine 0 with everything (cost 0.5), with
+            finite gradients.
+
+    Returns:
+        (..., n, m) cost, clamped to [0, 1] against rounding.
+    """
+    xn = torch.nn.functional.normalize(x, dim=-1, eps=eps)
+    yn = torch.nn.functional.normalize(y, dim=-1, eps=eps)
+    cos = xn @ yn.transpose(-1, -2)
+    return ((1.0 - cos) * 0.5).clamp(0.0, 1.0)
