@@ -1,0 +1,31 @@
+"""The `otmel` console script."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from otmel.cli import main
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("synth", "pack", "verify", "train", "baseline"):
+        assert cmd in out
+
+
+def test_console_script_is_installed() -> None:
+    exe = shutil.which("otmel") or str((__import__("pathlib").Path(sys.executable).parent / "otmel"))
+    out = subprocess.run([exe, "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--resume" in out.stdout
+
+
+def test_train_rejects_a_mistyped_key_before_starting_ray() -> None:
+    with pytest.raises(KeyError, match="train.epoch"):
+        main(["train", "train.epoch=2"])
