@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,7 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_console_script_is_installed() -> None:
-    exe = shutil.which("otmel") or str((__import__("pathlib").Path(sys.executable).parent / "otmel"))
+    exe = shutil.which("otmel") or str(Path(sys.executable).parent / "otmel")
     out = subprocess.run([exe, "train", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--resume" in out.stdout
 

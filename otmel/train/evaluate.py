@@ -92,8 +92,7 @@ def gold_ranks_distributed(
 
     def block(sl: slice) -> torch.Tensor:
         assert entities is not None
-        S = model.score(mentions.select(sl), entities).S_O.float()  # (c, E_local)
-        return torch.nan_to_num(S, nan=neg_inf)  # a NaN never helps the gold, nor a competitor
+        return model.score(mentions.select(sl), entities).S_O.float()  # (c, E_local)
 
     keep = entities is not None and M * len(entities) <= keep_scores_limit
     kept: list[torch.Tensor] = []
@@ -101,7 +100,8 @@ def gold_ranks_distributed(
         for sl in chunks:
             S = block(sl)
             is_gold = gold[sl].unsqueeze(1) == entities.ids.unsqueeze(0)  # (c, E_local)
-            gold_score[sl] = torch.where(is_gold, S, neg_inf).amax(1)
+            # as otmel.metrics: a NaN gold score counts as -inf, a NaN competitor as +inf (never helps the gold)
+            gold_score[sl] = torch.where(is_gold, torch.nan_to_num(S, nan=neg_inf), neg_inf).amax(1)
             if keep:
                 kept.append(S)
     gold_score = _all_reduce(gold_score, dist.ReduceOp.MAX, world_size)
@@ -111,7 +111,7 @@ def gold_ranks_distributed(
     count = torch.zeros(M, dtype=torch.long)
     if entities is not None:
         for k, sl in enumerate(chunks):
-            S = kept[k] if keep else block(sl)
+            S = torch.nan_to_num(kept[k] if keep else block(sl), nan=float("inf"))
             competitor = gold[sl].unsqueeze(1) != entities.ids.unsqueeze(0)
             count[sl] = ((gold_score[sl].unsqueeze(1) <= S) & competitor).sum(1)
     return _all_reduce(count, dist.ReduceOp.SUM, world_size) + 1
