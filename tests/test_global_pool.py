@@ -25,8 +25,6 @@ from otmel.train.distributed import (
 )
 from tests.model_helpers import random_batch, tiny_cfg
 
-torch.set_flush_denormal(True)
-
 B, W = 4, 2  # per-worker batch, workers
 DUP = (1, 7)  # mention 1 (rank 0) and mention 7 (rank 1) share a gold entity
 UNEVEN = (3, 5)  # rows per rank in the uneven-gather test

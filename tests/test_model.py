@@ -13,7 +13,14 @@ from otmel.model.assign import CorrelationAssignment
 from otmel.model.pool import Pool
 from tests.model_helpers import entity_batch, random_batch, tiny_cfg
 
-torch.set_flush_denormal(True)
+
+
+@pytest.fixture(autouse=True)
+def _flush_denormals():  # type: ignore[no-untyped-def]
+    """As the training loop does (denormal plans cost 5-50x on CPU); restored after, for hypothesis."""
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)
 
 
 def _model(variant: str = "OT", seed: int = 0, **kw: object) -> OTMEL:

@@ -129,3 +129,42 @@ def test_final_table_lists_dev_and_test() -> None:
     m.update({"dev/MR": 3.0, "test/MR": 4.0})
     table = format_table(m)
     assert "dev" in table and "test" in table and "50.00" in table and "4.0" in table
+
+
+def test_wandb_is_offline_without_a_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from otmel.train.config import WandbConfig
+    from otmel.train.tracking import resolve_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    assert resolve_mode(WandbConfig()) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_mode(WandbConfig()) == "online"
+    assert resolve_mode(WandbConfig(mode="disabled")) == "disabled"
+
+
+def test_wandb_offline_run_logs_and_a_broken_wandb_never_fails(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    from otmel.train.config import WandbConfig
+    from otmel.train.tracking import Tracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    t = Tracker(WandbConfig(), enabled=True, name="t1", config={"a": 1}, directory=str(tmp_path))
+    assert t.run is not None
+    t.log({"train/loss": 1.0}, step=1)
+    t.finish()
+    assert list(tmp_path.glob("wandb/offline-run-*"))  # the run is on disk, ready for `wandb sync`
+
+    import wandb
+
+    def boom(*a: object, **k: object) -> None:
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(wandb, "init", boom)
+    with pytest.warns(UserWarning, match="W&B could not start"):
+        t2 = Tracker(WandbConfig(), enabled=True, name="t2", config={}, directory=str(tmp_path))
+    t2.log({"x": 1.0}, step=1)  # a no-op, not an error
+    t2.finish()
+    assert Tracker(WandbConfig(), enabled=False, name="t3", config={}, directory=str(tmp_path)).run is None
