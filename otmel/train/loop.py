@@ -148,7 +148,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             bar.update(1)
-            bar.set_postfix(loss=f"{float(terms['loss']):.3f}", refresh=False)
+            bar.set_postfix(loss=f"{float(terms['loss'].detach()):.3f}", refresh=False)
             if rank == 0 and st["global_step"] % 10 == 0:
                 tracker.log({f"train/{k}": float(v.detach()) for k, v in terms.items()} | {"train/lr": engine.lr},
                             st["global_step"])
