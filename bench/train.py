@@ -121,10 +121,13 @@ def main() -> None:
               f"(pool ratio 16; linear or better when <= 16)")
 
     print(f"\n(a) training step time, {args.steps} steps, batch 32: Ray Train 1 worker vs plain loop")
-    plain = plain_loop(shards, args.steps)
+    # plain, Ray, plain: the machine's load drifts, so the plain figure is the mean of one run either side
+    plain_runs = [plain_loop(shards, args.steps)]
     with tempfile.TemporaryDirectory() as tmp:
         ray_sps = ray_loop(shards, args.steps, Path(tmp))
-    print(f"  plain loop     {plain:8.1f} samples/s")
+    plain_runs.append(plain_loop(shards, args.steps))
+    plain = sum(plain_runs) / 2
+    print(f"  plain loop     {plain:8.1f} samples/s (runs before/after: {plain_runs[0]:.1f} / {plain_runs[1]:.1f})")
     print(f"  Ray Train (1)  {ray_sps:8.1f} samples/s")
     print(f"  step time ratio Ray / plain = {plain / ray_sps:.3f} (target <= 1.10)")
 
