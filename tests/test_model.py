@@ -14,7 +14,6 @@ from otmel.model.pool import Pool
 from tests.model_helpers import entity_batch, random_batch, tiny_cfg
 
 
-
 @pytest.fixture(autouse=True)
 def _flush_denormals():  # type: ignore[no-untyped-def]
     """As the training loop does (denormal plans cost 5-50x on CPU); restored after, for hypothesis."""
