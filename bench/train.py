@@ -95,6 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--default-run", default=None, help="run dir of the embedded default, for samples/s")
+    ap.add_argument("--skip-memory", action="store_true", help="skip (b), the pool-size memory sweep")
     ap.add_argument("--_pool", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_ckpt", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -106,16 +107,17 @@ def main() -> None:
     shards = ROOT / "shards/synth"
     if not (shards / "manifest.json").exists():
         sys.exit("pack the synthetic benchmark first: .venv/bin/otmel train (or otmel synth + otmel pack)")
-    print("\n(b) peak memory of one worker's step vs global pool size (local batch 32, tiny model)")
     rows = []
-    for ckpt in (1, 0):
+    if not args.skip_memory:
+        print("\n(b) peak memory of one worker's step vs global pool size (local batch 32, tiny model)")
+    for ckpt in () if args.skip_memory else (1, 0):
         for pool in (256, 512, 1024, 2048, 4096):
             out = subprocess.run([sys.executable, __file__, "--_pool", str(pool), "--_ckpt", str(ckpt)],
                                  capture_output=True, text=True, check=True)
             mb = float(out.stdout.strip().splitlines()[-1])
             rows.append((ckpt, pool, mb))
             print(f"  checkpointing={'on ' if ckpt else 'off'} pool {pool:5d}: +{mb:8.1f} MB")
-    for ckpt in (1, 0):
+    for ckpt in () if args.skip_memory else (1, 0):
         r = {p: mb for c, p, mb in rows if c == ckpt}
         print(f"  checkpointing={'on ' if ckpt else 'off'}: 4096/256 memory ratio {r[4096] / r[256]:.2f} "
               f"(pool ratio 16; linear or better when <= 16)")
