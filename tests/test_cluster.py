@@ -1,0 +1,118 @@
+"""The cluster definitions: the Ray cluster-launcher YAML validates offline against the schema shipped in
+the ray wheel (and a misspelled key fails it); the KubeRay manifests parse, share one cluster spec and run
+the same entry point as every other way of training (`python ray_jobs/train.py`)."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from jsonschema.exceptions import ValidationError
+
+from otmel.train.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+ENTRY = "python ray_jobs/train.py"
+
+
+def _validate(cfg: dict[str, Any]) -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(cfg)))
+
+
+def _launcher_yamls() -> list[Path]:
+    return [p for p in sorted(CLUSTER.glob("*.yaml")) if "provider" in (yaml.safe_load(p.read_text()) or {})]
+
+
+def test_every_cluster_launcher_yaml_validates() -> None:
+    paths = _launcher_yamls()
+    assert [p.name for p in paths] == ["aws.yaml"]
+    for p in paths:
+        _validate(yaml.safe_load(p.read_text()))
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda c: c["available_node_types"]["gpu_4x"].__setitem__("max_worker", c["available_node_types"]["gpu_4x"]
+                                                              .pop("max_workers")),
+    lambda c: c.__setitem__("setup_comands", c.pop("setup_commands")),
+    lambda c: c["available_node_types"]["gpu_4x"].__setitem__("resources", {"CPU": 48, "GPU": 0.5}),
+    lambda c: c["available_node_types"]["gpu_4x"].__setitem__("min_workers", 9),
+], ids=["misspelled-node-key", "misspelled-top-key", "fractional-gpu", "min-above-max"])
+def test_validation_rejects_broken_configs(mutate: Any) -> None:
+    cfg = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    mutate(cfg)
+    with pytest.raises((ValidationError, ValueError)):
+        _validate(cfg)
+
+
+def test_aws_yaml_contents() -> None:
+    cfg = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    types = cfg["available_node_types"]
+    head, gpu = types[cfg["head_node_type"]], types["gpu_4x"]
+    assert "GPU" not in head["resources"] and gpu["resources"]["GPU"] == 4
+    assert gpu["min_workers"] == 0 < gpu["max_workers"] <= cfg["max_workers"]
+    setup = cfg["setup_commands"]
+    torch_i = next(i for i, c in enumerate(setup) if "pip install" in c and "torch==" in c)
+    proj_i = next(i for i, c in enumerate(setup) if re.search(r"pip install .*-e ~/otmel", c))
+    assert torch_i < proj_i  # torch (CUDA build) first, then the project
+    assert any("aws s3 sync" in c and "s3://" in c for c in setup)
+    torch_pin = next(d for d in _deps() if d.startswith("torch=="))
+    assert torch_pin in setup[torch_i]  # the same torch version as pyproject's pin
+    assert all("venv/bin/activate" in c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"])
+
+
+def _deps() -> list[str]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+
+
+def _k8s() -> dict[str, dict[str, Any]]:
+    docs = {}
+    for p in sorted(CLUSTER.glob("kuberay-*.yaml")):
+        for d in yaml.safe_load_all(p.read_text()):
+            docs[d["kind"]] = d
+    return docs
+
+
+def test_kuberay_manifests_parse_and_share_one_cluster_spec() -> None:
+    docs = _k8s()
+    assert set(docs) == {"RayCluster", "RayJob"}
+    for d in docs.values():
+        assert d["apiVersion"] == "ray.io/v1" and d["metadata"]["name"]
+    cluster, job = docs["RayCluster"]["spec"], docs["RayJob"]["spec"]
+    assert job["rayClusterSpec"] == cluster
+    assert cluster["rayVersion"] == "2.60.0" and cluster["enableInTreeAutoscaling"] is True
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["minReplicas"] == 0 < group["maxReplicas"]
+    (worker,) = group["template"]["spec"]["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert "nvidia.com/gpu" not in str(cluster["headGroupSpec"])
+
+
+def test_kuberay_job_runs_the_same_entry_point_with_a_valid_config() -> None:
+    job = _k8s()["RayJob"]["spec"]
+    assert job["entrypoint"].startswith(ENTRY + " ")
+    argv = shlex.split(job["entrypoint"])
+    config = argv[argv.index("--config") + 1]
+    overrides = [a for a in argv[argv.index("--config") + 2:] if "=" in a]
+    cfg = load_config(ROOT / config, overrides)  # the job's config and overrides are valid
+    assert cfg.data.shards.startswith("/home/ray/shards/") and cfg.run.storage.startswith("s3://")
+    assert yaml.safe_load(job["runtimeEnvYAML"])["working_dir"] == "/home/ray/otmel"
+
+
+def test_docs_and_launcher_name_the_same_entry_point() -> None:
+    doc = (ROOT / "docs/scale-out.md").read_text()
+    submits = re.findall(r"ray job submit[^\n]*?(?:\\\n[^\n]*?)*-- (python ray_jobs/\w+\.py)", doc)
+    assert submits and ENTRY in submits
+    for cmd in ("ray up -y cluster/aws.yaml", "ray down -y cluster/aws.yaml",
+                "kubectl apply -f cluster/kuberay-rayjob.yaml"):
+        assert cmd in doc
+    assert ENTRY in (CLUSTER / "aws.yaml").read_text()
