@@ -1,0 +1,223 @@
+"""Evaluating the linking modes on a packed split: metrics, wall time, and top-1 agreement between modes.
+
+Ranks (rank 1 = best; ties pessimistic, as `otmel.metrics`):
+- exhaustive: rank of the gold entity among all entities by S_O.
+- two-stage: the ranking the linker returns: the K re-ranked candidates by S_O, then every other entity by
+  its first-stage score. The gold rank is 1 + #{candidates scoring >= gold} when the gold is a candidate,
+  else K + 1 + #{non-candidates whose first-stage score >= the gold's}.
+Top-1 predictions break exact ties by the lower KG row in both modes.
+
+When the exhaustive pass runs, a *sweep* can also be derived from it exactly, for any list of K and first
+stages: the two-stage top-1 at K is the best S_O among the first-stage top-K, so agreement(K) and H@1(K)
+need no further OT (`sweep_ks`). The real two-stage pass checks this against its own re-ranked scores.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import default_collate
+
+from otmel.data.manifest import read_manifest, shard_infos
+from otmel.data.shards import iter_shard
+from otmel.link.index import EntityIndex, load_or_build
+from otmel.link.model_io import LoadedCheckpoint, load_checkpoint_model
+from otmel.link.scoring import FirstStage, first_stage_scores, full_scores, stable_topk, two_stage
+from otmel.metrics import gold_ranks, metrics_from_ranks
+from otmel.model import EntityFeatures, MentionFeatures
+from otmel.model.encoder import build_preprocessor
+
+
+def read_split(shards: str | Path, split: str, pre: Any, *, limit: int | None = None, seed: int = 0
+               ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The mentions of a packed split as one batch (`m_*`, `e_index` = gold row, `m_index`) and their JSON
+    records. `limit`: a seeded random subset of that many mentions (kept in split order); only those are
+    decoded and preprocessed."""
+    shards = Path(shards)
+    infos = shard_infos(shards, split, read_manifest(shards))
+    total = sum(s.samples for s in infos)
+    if total == 0:
+        raise ValueError(f"{shards}: the {split} split is empty")
+    chosen = None
+    if limit is not None and limit < total:
+        chosen = set(random.Random(seed).sample(range(total), limit))
+    items, metas, pos = [], [], 0
+    for info in infos:
+        for sample in iter_shard(shards / info.name, expected_samples=info.samples, expected_bytes=info.bytes):
+            if chosen is None or pos in chosen:
+                meta = json.loads(sample["json"])
+                item = pre.mention({**meta, "image": sample.get("m.jpg")})
+                item["e_index"] = torch.tensor(meta["e_index"], dtype=torch.long)
+                item["m_index"] = torch.tensor(meta["m_index"], dtype=torch.long)
+                items.append(item)
+                metas.append(meta)
+            pos += 1
+    return default_collate(items), metas
+
+
+@torch.no_grad()
+def encode_mentions(loaded: LoadedCheckpoint, batch: dict[str, torch.Tensor], batch_size: int = 64
+                    ) -> MentionFeatures:
+    n = len(batch["m_index"])
+    parts = [loaded.model.encode_mentions({k: v[s:s + batch_size] for k, v in batch.items()})
+             for s in range(0, n, batch_size)]
+    return MentionFeatures.cat(parts)
+
+
+def _two_stage_ranks(S: torch.Tensor, cand: torch.Tensor, cheap: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """Gold ranks in the two-stage ranking (module docstring). S (B, K) full scores of cand (B, K), cheap (B, E)."""
+    neg = float("-inf")
+    in_cand = cand == gold.unsqueeze(1)  # (B, K)
+    S = torch.nan_to_num(S, nan=float("inf"))
+    gold_s = torch.where(in_cand, S, neg).amax(1)
+    rank_in = 1 + ((gold_s.unsqueeze(1) <= S) & ~in_cand).sum(1)
+    cheap = torch.nan_to_num(cheap, nan=float("inf"))
+    is_cand = torch.zeros_like(cheap, dtype=torch.bool).scatter_(1, cand, True)
+    gold_c = cheap.gather(1, gold.unsqueeze(1))
+    others = ~is_cand
+    others.scatter_(1, gold.unsqueeze(1), False)
+    rank_out = cand.shape[1] + 1 + ((cheap >= gold_c) & others).sum(1)
+    return torch.where(in_cand.any(1), rank_in, rank_out)
+
+
+@torch.no_grad()
+def run_exhaustive(loaded: LoadedCheckpoint, m: MentionFeatures, e: EntityFeatures, gold: torch.Tensor, *,
+                   chunk: int = 16, sweep_ks: Sequence[int] = (), sweep_first_stages: Sequence[str] = (),
+                   ) -> dict[str, Any]:
+    """Full-model scores of every mention against every entity (chunks of `chunk` mentions): gold ranks,
+    top-1, and the sweep (two-stage outcome per first stage and K, derived from these scores)."""
+    model = loaded.model
+    ranks, top1, secs = [], [], 0.0
+    kmax = max(sweep_ks, default=0)
+    sweep: dict[str, dict[int, list[torch.Tensor]]] = {f: {k: [] for k in sweep_ks} for f in sweep_first_stages}
+    for s in range(0, len(m), chunk):
+        mc, g = m.select(slice(s, s + chunk)), gold[s:s + chunk]
+        t0 = time.perf_counter()
+        S = full_scores(model, mc, e)["S_O"].float()
+        secs += time.perf_counter() - t0
+        ranks.append(gold_ranks(S, g))
+        top1.append(torch.nan_to_num(S, nan=float("-inf")).argmax(1))  # first maximum = lowest row
+        for f in sweep_first_stages:
+            _, cand = stable_topk(first_stage_scores(model, mc, e, f), kmax)  # type: ignore[arg-type]
+            for k in sweep_ks:
+                c = cand[:, :k].sort(1).values
+                sweep[f][k].append(c.gather(1, torch.nan_to_num(S.gather(1, c), nan=float("-inf")).argmax(1, True))
+                                   .squeeze(1))
+    out: dict[str, Any] = {"ranks": torch.cat(ranks), "top1": torch.cat(top1), "seconds": secs}
+    out["sweep_top1"] = {f: {k: torch.cat(v) for k, v in d.items()} for f, d in sweep.items()}
+    return out
+
+
+@torch.no_grad()
+def run_two_stage(loaded: LoadedCheckpoint, m: MentionFeatures, e: EntityFeatures, gold: torch.Tensor, *,
+                  candidates: int, first_stage: FirstStage = "summary", chunk: int = 64) -> dict[str, Any]:
+    """Retrieve + re-rank every mention; gold ranks, top-1 and the time of each stage."""
+    ranks, top1 = [], []
+    t_first = t_total = 0.0
+    for s in range(0, len(m), chunk):
+        mc, g = m.select(slice(s, s + chunk)), gold[s:s + chunk]
+        t0 = time.perf_counter()
+        cheap, cand, sc = two_stage(loaded.model, mc, e, candidates, first_stage)
+        t_total += time.perf_counter() - t0
+        t0 = time.perf_counter()  # first stage timed alone (recomputed: a small fraction of the total)
+        _, c2 = stable_topk(first_stage_scores(loaded.model, mc, e, first_stage), candidates)
+        t_first += time.perf_counter() - t0
+        S = sc["S_O"].float()
+        ranks.append(_two_stage_ranks(S, cand, cheap.float(), g))
+        top1.append(cand.gather(1, torch.nan_to_num(S, nan=float("-inf")).argmax(1, keepdim=True)).squeeze(1))
+    return {"ranks": torch.cat(ranks), "top1": torch.cat(top1), "seconds": t_total, "seconds_first_stage": t_first}
+
+
+def evaluate(
+    checkpoint: str | Path | LoadedCheckpoint,
+    shards: str | Path,
+    split: str = "test",
+    *,
+    modes: Sequence[str] = ("exhaustive", "two-stage"),
+    candidates: int = 128,
+    first_stage: FirstStage = "summary",
+    index: str | Path | EntityIndex | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    workers: int = 0,
+    sweep_ks: Sequence[int] = (),
+    sweep_first_stages: Sequence[str] = (),
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Metrics and wall time of each mode on `split` of the packed `shards` over the whole KG, and the top-1
+    agreement between the modes (when both run). `index`: reuse an entity index (its checkpoint and KG must
+    match) instead of encoding the KG. Per-mention results are under `"per_mention"`."""
+    loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint_model(checkpoint)
+    torch.set_flush_denormal(True)
+    t0 = time.perf_counter()
+    if isinstance(index, EntityIndex):
+        index.check_checkpoint(loaded.sha256, loaded.path)
+        idx = index
+    else:
+        idx = load_or_build(index, shards, loaded, workers=workers, progress=progress)
+    if index is not None:
+        idx.check_kg(shards)
+    t_kg = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    batch, metas = read_split(shards, split, build_preprocessor(loaded.config), limit=limit, seed=seed)
+    m = encode_mentions(loaded, batch)
+    t_m = time.perf_counter() - t0
+    gold, e = batch["e_index"], idx.features
+    out: dict[str, Any] = {
+        "checkpoint": str(loaded.path), "sha256": loaded.sha256, "variant": loaded.config.variant,
+        "shards": str(shards), "split": split, "mentions": len(gold), "entities": len(e), "limit": limit,
+        "seconds": {"kg": t_kg, "kg_from_index": index is not None, "mentions": t_m}, "modes": {},
+        "per_mention": {"m_index": batch["m_index"].tolist(), "gold": gold.tolist()},
+    }
+    runs: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        if mode == "exhaustive":
+            r = run_exhaustive(loaded, m, e, gold, sweep_ks=sweep_ks, sweep_first_stages=sweep_first_stages)
+            info: dict[str, Any] = {}
+        elif mode == "two-stage":
+            r = run_two_stage(loaded, m, e, gold, candidates=candidates, first_stage=first_stage)
+            info = {"candidates": candidates, "first_stage": first_stage,
+                    "seconds_first_stage": r["seconds_first_stage"]}
+        else:
+            raise ValueError(f"unknown mode {mode!r}; choose from exhaustive, two-stage")
+        runs[mode] = r
+        out["modes"][mode] = {"metrics": metrics_from_ranks(r["ranks"]), "seconds": r["seconds"],
+                              "ms_per_mention": 1e3 * r["seconds"] / len(gold), **info}
+        out["per_mention"][mode] = {"rank": r["ranks"].tolist(), "top1": r["top1"].tolist()}
+    if {"exhaustive", "two-stage"} <= set(runs):
+        ex, ts = runs["exhaustive"], runs["two-stage"]
+        out["agreement_top1"] = float((ex["top1"] == ts["top1"]).double().mean())
+        out["speedup"] = ex["seconds"] / max(ts["seconds"], 1e-9)
+    if "exhaustive" in runs and sweep_ks:
+        ex = runs["exhaustive"]
+        out["sweep"] = {f: {str(k): {"agreement_top1": float((t == ex["top1"]).double().mean()),
+                                     "H@1": float((t == gold).double().mean())}
+                            for k, t in d.items()} for f, d in ex["sweep_top1"].items()}
+    return out
+
+
+def format_eval(res: dict[str, Any]) -> str:
+    """A plain-text table of `evaluate`'s result."""
+    lines = [f"{res['split']}: {res['mentions']} mentions x {res['entities']} entities "
+             f"(checkpoint {res['sha256'][:12]}, variant {res['variant']})",
+             f"{'mode':<12} {'H@1':>7} {'H@3':>7} {'H@5':>7} {'MRR':>7} {'MR':>8} {'seconds':>9} {'ms/mention':>11}"]
+    for mode, r in res["modes"].items():
+        mt = r["metrics"]
+        lines.append(f"{mode:<12} {100 * mt['H@1']:7.2f} {100 * mt['H@3']:7.2f} {100 * mt['H@5']:7.2f} "
+                     f"{100 * mt['MRR']:7.2f} {mt['MR']:8.1f} {r['seconds']:9.2f} {r['ms_per_mention']:11.1f}")
+    if "two-stage" in res["modes"]:
+        r = res["modes"]["two-stage"]
+        lines.append(f"two-stage: K = {r['candidates']} candidates by the {r['first_stage']!r} first stage "
+                     f"({r['seconds_first_stage']:.2f} s of retrieval)")
+    if "agreement_top1" in res:
+        lines.append(f"top-1 agreement {100 * res['agreement_top1']:.2f}%, two-stage {res['speedup']:.1f}x faster")
+    s = res["seconds"]
+    lines.append(f"KG features {s['kg']:.1f} s ({'index' if s['kg_from_index'] else 'encoded'}), "
+                 f"mentions encoded in {s['mentions']:.1f} s")
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""Linking new text against a KG with a trained checkpoint and its entity index.
+
+    linker = Linker.from_checkpoint("runs/default-1", index="indexes/synth")
+    for hit in linker.link("The red circle beside a tree ...", "Tomba", image="photo.jpg", k=5):
+        print(hit.rank, hit.qid, hit.name, hit.S_O)
+
+Modes: ``"exhaustive"`` scores every entity with the full model (`OTMEL.score`); ``"two-stage"`` (default)
+retrieves ``candidates`` entities by the cheap first-stage score and re-ranks them with the full model (see
+`otmel.link.scoring`). Both return the top-k entities by S_O, with S_F, S_T, S_V and the first-stage score.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import default_collate
+
+from otmel.data.images import decode_image
+from otmel.link.index import EntityIndex, load_or_build
+from otmel.link.model_io import LoadedCheckpoint, load_checkpoint_model
+from otmel.link.scoring import FIRST_STAGES, SCORE_TERMS, FirstStage, full_scores, stable_topk, two_stage
+from otmel.model import MentionFeatures
+from otmel.model.encoder import build_preprocessor
+
+MODES: tuple[str, ...] = ("exhaustive", "two-stage")
+DEFAULT_CANDIDATES = 128
+
+ImageInput = str | Path | bytes | Image.Image | None
+
+
+class LinkInputError(ValueError):
+    """A mention cannot be linked as given (empty mention, unreadable image, bad option)."""
+
+
+class MentionNotInTextWarning(UserWarning):
+    """The mention's surface form does not occur in its text (it is linked anyway)."""
+
+
+@dataclass
+class LinkedEntity:
+    """One ranked entity. Scores are the model's (Eq. 25): S_O = mean of the available S_F, S_T, S_V."""
+
+    rank: int  # 1 = best
+    row: int  # KG row (e_index)
+    qid: str
+    name: str
+    S_O: float
+    S_F: float | None = None
+    S_T: float | None = None
+    S_V: float | None = None  # None when the pair has no two images (S_V is then not part of S_O)
+    first_stage: float | None = None  # the retrieval score (two-stage mode)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _image_bytes(image: ImageInput) -> bytes | Image.Image | None:
+    """The image to preprocess; `LinkInputError` naming it when it cannot be read or decoded."""
+    if image is None or isinstance(image, Image.Image):
+        return image
+    if isinstance(image, str | Path):
+        path = Path(image).expanduser()
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise LinkInputError(f"image {path}: cannot be read ({exc.strerror or exc})") from exc
+        where = str(path)
+    elif isinstance(image, bytes | bytearray):
+        data, where = bytes(image), f"<{len(image)} bytes>"
+    else:
+        raise LinkInputError(f"image must be a path, bytes or a PIL image, got {type(image).__name__}")
+    if decode_image(data) is None:
+        raise LinkInputError(f"image {where}: not a readable image (it does not decode as JPEG/PNG/...)")
+    return data
+
+
+def check_mention(text: str, mention: str) -> None:
+    """Raise for an empty mention; warn (`MentionNotInTextWarning`) when it does not occur in the text."""
+    if not isinstance(mention, str) or not mention.strip():
+        raise LinkInputError("the mention is empty: give the surface form to link (e.g. --mention 'Ada')")
+    if not isinstance(text, str):
+        raise LinkInputError(f"the text must be a string, got {type(text).__name__}")
+    if " ".join(mention.split()).casefold() not in " ".join(text.split()).casefold():
+        warnings.warn(MentionNotInTextWarning(
+            f"the mention {mention!r} does not occur in the text; linking it with the text as its context anyway"
+        ), stacklevel=3)
+
+
+class Linker:
+    """A trained model plus the cached features of a KG, answering `link(text, mention, image)`."""
+
+    def __init__(self, loaded: LoadedCheckpoint, index: EntityIndex, *, mode: str = "two-stage",
+                 candidates: int = DEFAULT_CANDIDATES, first_stage: FirstStage = "summary") -> None:
+        index.check_checkpoint(loaded.sha256, loaded.path)
+        self.loaded, self.index = loaded, index
+        self.model = loaded.model.eval()
+        self.pre = build_preprocessor(loaded.config)
+        self.device = next(self.model.parameters()).device
+        self.entities = index.features.to(self.device)
+        self.mode, self.candidates, self.first_stage = self._options(mode, candidates, first_stage)
+        torch.set_flush_denormal(True)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | Path,
+        index: str | Path | None = None,
+        *,
+        kg: str | Path | None = None,
+        mode: str = "two-stage",
+        candidates: int = DEFAULT_CANDIDATES,
+        first_stage: FirstStage = "summary",
+        device: str | torch.device = "cpu",
+        workers: int = 0,
+    ) -> Linker:
+        """Load a checkpoint (or run) directory and an index folder (its checkpoint hash must match), or,
+        without an index, encode the KG shards `kg` now (`workers` Ray actors; 0 = in this process)."""
+        loaded = load_checkpoint_model(checkpoint, device)
+        return cls(loaded, load_or_build(index, kg, loaded, workers=workers), mode=mode, candidates=candidates,
+                   first_stage=first_stage)
+
+    @staticmethod
+    def _options(mode: str, candidates: int, first_stage: str) -> tuple[str, int, FirstStage]:
+        if mode not in MODES:
+            raise LinkInputError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
+        if int(candidates) < 1:
+            raise LinkInputError(f"candidates must be >= 1, got {candidates}")
+        if first_stage not in FIRST_STAGES:
+            raise LinkInputError(f"unknown first stage {first_stage!r}; choose one of {list(FIRST_STAGES)}")
+        return mode, int(candidates), first_stage  # type: ignore[return-value]
+
+    # -- mentions --------------------------------------------------------------------------------------
+    def mention_batch(self, text: str, mention: str, image: ImageInput = None) -> dict[str, torch.Tensor]:
+        """The model's input tensors for one mention (a batch of 1), after checking the input."""
+        check_mention(text, mention)
+        pixels = _image_bytes(image)
+        if pixels is not None and not self.loaded.config.use_images:
+            warnings.warn("this model is text-only (use_images=False): the image is ignored", stacklevel=3)
+            pixels = None
+        return default_collate([self.pre.mention({"mention": mention, "sentence": text, "image": pixels})])
+
+    @torch.no_grad()
+    def encode(self, batch: dict[str, torch.Tensor]) -> MentionFeatures:
+        return self.model.encode_mentions({k: v.to(self.device) for k, v in batch.items()})
+
+    # -- linking ---------------------------------------------------------------------------------------
+    def link(self, text: str, mention: str, image: ImageInput = None, *, k: int = 10, mode: str | None = None,
+             candidates: int | None = None) -> list[LinkedEntity]:
+        """The top-k entities for `mention` in `text` (with its image: a path, bytes or a PIL image)."""
+        m = self.encode(self.mention_batch(text, mention, image))
+        return self.rank(m, k=k, mode=mode, candidates=candidates)[0]
+
+    @torch.no_grad()
+    def rank(self, m: MentionFeatures, *, k: int = 10, mode: str | None = None, candidates: int | None = None
+             ) -> list[list[LinkedEntity]]:
+        """Top-k entities of each mention of an encoded batch."""
+        mode, K, first = self._options(mode or self.mode, candidates or self.candidates, self.first_stage)
+        if k < 1:
+            raise LinkInputError(f"k must be >= 1, got {k}")
+        k = min(k, len(self.index))
+        if mode == "exhaustive":
+            scores = full_scores(self.model, m, self.entities)
+            _, top = stable_topk(scores["S_O"], k)  # (Bm, k) rows
+            picked = {t: scores[t].gather(1, top) for t in SCORE_TERMS if t in scores}
+            valid = scores["V_valid"].gather(1, top) if "V_valid" in scores else None
+            rows, cheap = top, None
+        else:
+            cheap_all, cand, scores = two_stage(self.model, m, self.entities, max(K, k), first)
+            _, pos = stable_topk(scores["S_O"], k)  # cand is in row order: ties go to the lower row
+            picked = {t: scores[t].gather(1, pos) for t in SCORE_TERMS if t in scores}
+            valid = scores["V_valid"].gather(1, pos) if "V_valid" in scores else None
+            rows = cand.gather(1, pos)
+            cheap = cheap_all.gather(1, rows)
+        return [self._hits(i, rows, picked, valid, cheap) for i in range(len(m))]
+
+    def _hits(self, i: int, rows: torch.Tensor, picked: dict[str, torch.Tensor], valid: torch.Tensor | None,
+              cheap: torch.Tensor | None) -> list[LinkedEntity]:
+        out = []
+        for j, row in enumerate(rows[i].tolist()):
+            terms = {t: float(v[i, j]) for t, v in picked.items()}
+            if "S_V" in terms and valid is not None and not bool(valid[i, j]):
+                terms["S_V"] = None  # type: ignore[assignment]
+            out.append(LinkedEntity(rank=j + 1, row=row, qid=self.index.qids[row], name=self.index.names[row],
+                                    first_stage=None if cheap is None else float(cheap[i, j]), **terms))
+        return out

@@ -1,0 +1,135 @@
+"""Scoring mentions against a cached KG: the full model, the cheap first-stage score, and re-ranking.
+
+Exhaustive linking scores every entity with `OTMEL.score` (pairwise OT for every mention x entity pair).
+Two-stage linking ranks the KG by a *first-stage* score computed from cached vectors only (matrix products,
+no correlation assignment), keeps the top K candidates and re-ranks them with `OTMEL.score`.
+
+First-stage scores (all L2-normalised vectors of `MentionFeatures` / `EntityFeatures`):
+- ``"summary"`` (default): the model's own score with each unimodal CA term replaced by an entity-independent
+  mention summary. In S_T = (cos(pool(A H_m), t_e) + <t_m, t_e>) / 2 the mention representation correlated to
+  the entity is approximated by the one a *uniform* assignment gives, u_m = pool(mean_valid(H_m)) (computed
+  with the matcher's own pooling, so LayerNorm included): S_T ~ <(norm(u_m) + t_m) / 2, t_e>; S_V likewise
+  with patches. S_F is exact. Then S ~ (S_F + S_T~ + valid * S_V~) / (2 + valid), as `OTMEL.score` averages.
+- ``"cls"``: the CA terms replaced by the pooled-embedding cosines (S_T ~ <t_m, t_e>, S_V ~ <v_m, v_e>).
+- ``"fusion"``: S_F alone.
+For a model without unimodal matching (M2) every first stage is exact; for the CLS-only baseline the model's
+score itself is cheap and is used.
+
+Ties: candidates and top-k lists are ordered by score, then by KG row (a stable sort), so results do not
+depend on the order in which chunks were scored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from otmel.model import OTMEL, EntityFeatures, MentionFeatures
+from otmel.model.matching import UnimodalMatcher
+
+FirstStage = Literal["summary", "cls", "fusion"]
+FIRST_STAGES: tuple[str, ...] = ("summary", "cls", "fusion")
+SCORE_TERMS: tuple[str, ...] = ("S_O", "S_F", "S_T", "S_V")
+
+
+def _uniform_summary(matcher: UnimodalMatcher, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """norm(pool(A H)) for the uniform assignment A over the valid mention elements: (Bm, d)."""
+    w = mask.to(h.dtype)
+    A = (w / w.sum(-1, keepdim=True).clamp(min=1.0)).unsqueeze(1)  # (Bm, 1, Lm): one query row
+    one = torch.ones(h.shape[0], 1, dtype=torch.bool, device=h.device)
+    return F.normalize(matcher.pool.from_assignment(A, h, one), dim=-1)
+
+
+def _query(matcher: UnimodalMatcher, h: torch.Tensor, mask: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """The mention vector whose inner product with an entity's pooled embedding stands for S_T (or S_V)."""
+    return (_uniform_summary(matcher, h, mask) + x) / 2 if kind == "summary" else x
+
+
+@torch.no_grad()
+def first_stage_scores(
+    model: OTMEL, m: MentionFeatures, e: EntityFeatures, kind: FirstStage = "summary"
+) -> torch.Tensor:
+    """Cheap scores (Bm, Be) of every mention against every entity (a few matrix products)."""
+    if kind not in FIRST_STAGES:
+        raise ValueError(f"unknown first-stage score {kind!r}; known: {list(FIRST_STAGES)}")
+    cfg = model.cfg
+    if cfg.cls_only:
+        return model.score(m, e).S_O
+    valid = (m.has_image.unsqueeze(1) & e.has_image.unsqueeze(0)).to(m.t.dtype) if cfg.use_images else None
+    total: torch.Tensor | float = 0.0
+    count: torch.Tensor | float = 0.0
+    if cfg.use_fusion:
+        total, count = total + m.g @ e.g.t(), count + 1
+    if cfg.use_matching and kind != "fusion":
+        total, count = total + _query(model.match_t, m.h_t, m.mask_t, m.t, kind) @ e.t.t(), count + 1
+        if cfg.use_images:
+            assert valid is not None
+            q_v = _query(model.match_v, m.h_v, m.mask_v, m.v, kind)
+            total, count = total + (q_v @ e.v.t()) * valid, count + valid
+    if isinstance(total, float):  # fusion-only first stage of a model without fusion: fall back to "cls"
+        return first_stage_scores(model, m, e, "cls")
+    return total / count
+
+
+@torch.no_grad()
+def full_scores(model: OTMEL, m: MentionFeatures, e: EntityFeatures) -> dict[str, torch.Tensor]:
+    """`OTMEL.score` of every mention against every entity: {"S_O", "S_F", "S_T", "S_V", "V_valid"} (Bm, Be)
+    (absent terms left out). The model chunks the pairwise matcher over entities (`match_chunk`)."""
+    s = model.score(m, e)
+    out = {k: getattr(s, k) for k in SCORE_TERMS if getattr(s, k) is not None}
+    if s.V_valid is not None:
+        out["V_valid"] = s.V_valid
+    return out
+
+
+def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k best columns per row, best first; equal scores: lower column first.
+
+    NaN scores rank last."""
+    k = min(k, scores.shape[-1])
+    clean = torch.nan_to_num(scores, nan=float("-inf"))
+    if clean.dim() != 2:
+        raise ValueError(f"scores must be (rows, columns), got shape {tuple(scores.shape)}")
+    if 4 * k >= clean.shape[-1]:
+        idx = torch.sort(clean, dim=-1, descending=True, stable=True).indices[:, :k]
+        return scores.gather(-1, idx), idx
+    # partial selection (topk is O(E)); every column tied with the k-th value is kept, in column order, so the
+    # stable sort below decides ties by column whatever topk picked
+    kth = clean.topk(k, dim=-1).values[:, -1]  # (R,)
+    out = []
+    for r in range(clean.shape[0]):
+        keep = (clean[r] >= kth[r]).nonzero().squeeze(1)  # ascending columns
+        out.append(keep[torch.sort(clean[r, keep], descending=True, stable=True).indices[:k]])
+    idx = torch.stack(out)
+    return scores.gather(-1, idx), idx
+
+
+@torch.no_grad()
+def rerank(model: OTMEL, m: MentionFeatures, e: EntityFeatures, candidates: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Full scores of each mention against its own candidates: candidates (Bm, K) entity positions in `e`
+    -> {"S_O", ...} of shape (Bm, K), column j = candidate j."""
+    rows = []
+    for i in range(len(m)):
+        rows.append(full_scores(model, m.select(slice(i, i + 1)), e.select(candidates[i])))
+    return {k: torch.cat([r[k] for r in rows], 0) for k in rows[0]}
+
+
+@torch.no_grad()
+def two_stage(
+    model: OTMEL,
+    m: MentionFeatures,
+    e: EntityFeatures,
+    candidates: int,
+    first_stage: FirstStage = "summary",
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Retrieve `candidates` entities per mention by the first-stage score, re-rank them with the full model.
+
+    Returns (cheap (Bm, E) first-stage scores, cand (Bm, K) entity positions in ascending position order,
+    full scores of the candidates {"S_O", ...} (Bm, K)). Candidates are re-ordered by position so that an exact
+    tie in S_O is broken by the lower KG row, as in exhaustive mode."""
+    cheap = first_stage_scores(model, m, e, first_stage)
+    _, cand = stable_topk(cheap, candidates)
+    cand = cand.sort(dim=-1).values
+    return cheap, cand, rerank(model, m, e, cand)
