@@ -168,3 +168,13 @@ def test_wandb_offline_run_logs_and_a_broken_wandb_never_fails(monkeypatch: pyte
     t2.log({"x": 1.0}, step=1)  # a no-op, not an error
     t2.finish()
     assert Tracker(WandbConfig(), enabled=False, name="t3", config={}, directory=str(tmp_path)).run is None
+
+
+def test_remote_storage_keeps_results_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from otmel.train.launch import local_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(ROOT / "configs/synth.yaml", ["run.storage=s3://bucket/otmel"])
+    assert local_run_dir(cfg, "r1") == tmp_path / "runs" / "r1"  # not a folder literally named "s3:"
+    cfg = load_config(ROOT / "configs/synth.yaml", [f"run.storage={tmp_path}/st"])
+    assert local_run_dir(cfg, "r1") == tmp_path / "st" / "r1"

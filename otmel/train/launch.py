@@ -55,6 +55,14 @@ def _worker_env(cfg: RunConfig) -> dict[str, str]:
     return env
 
 
+def local_run_dir(cfg: RunConfig, run_name: str) -> Path:
+    """Where results.json, W&B files and the fault marker go: the run's folder in local storage; with
+    remote storage (s3://, gs://: checkpoints go there) a local `runs/NAME` beside it."""
+    if "://" in cfg.run.storage:
+        return Path("runs").resolve() / run_name
+    return Path(cfg.run.storage) / run_name
+
+
 def init_ray(cfg: RunConfig) -> None:
     import ray
 
@@ -79,7 +87,7 @@ def build_trainer(cfg: RunConfig, run_name: str, callbacks: list[Any] | None = N
 
     from otmel.train.loop import train_worker
 
-    run_dir = Path(cfg.run.storage) / run_name
+    run_dir = local_run_dir(cfg, run_name)
     return TorchTrainer(
         train_worker,
         train_loop_config={"run": cfg.to_dict(), "run_dir": str(run_dir)},
@@ -98,7 +106,7 @@ def build_trainer(cfg: RunConfig, run_name: str, callbacks: list[Any] | None = N
 
 def run_trainer(trainer: Any, cfg: RunConfig, run_name: str) -> dict[str, Any]:
     """Fit a trainer from `build_trainer`; returns results (also written to RUN_DIR/results.json)."""
-    run_dir = Path(cfg.run.storage) / run_name
+    run_dir = local_run_dir(cfg, run_name)
     t0 = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - t0
