@@ -140,3 +140,18 @@ def test_ray_index_builder_equals_in_process(ckpt: Path, kg: Path, index_dir: Pa
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
     assert EntityIndex.load(tmp_path / "ray").checkpoint_sha256 == local.checkpoint_sha256
+
+
+@pytest.mark.parametrize("variant", ["KD", "A1"])
+def test_explain_of_attention_models_marks_attention_as_used(variant: str, kg: Path, mention: dict,  # noqa: F811
+                                                               tmp_path: Path) -> None:
+    from otmel.link import Linker
+
+    lk = Linker.from_checkpoint(make_checkpoint(tmp_path / variant, seed=4, variant=variant), kg=kg)
+    ex = compute_explanation(lk, mention["text"], mention["mention"], mention["image"])
+    assert ex.fusion is not None and ex.matching is not None
+    for pair in (ex.fusion, ex.matching):
+        assert pair.used == "attention"
+        assert pair.plan.sum(1) == pytest.approx(1.0, abs=1e-4)
+        assert pair.attention.sum(1) == pytest.approx(1.0, abs=1e-4)
+        assert not torch.allclose(torch.from_numpy(pair.plan), torch.from_numpy(pair.attention), atol=1e-3)

@@ -13,11 +13,13 @@ per variant), as markdown + PNG.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +74,12 @@ def run_shards(run: str | Path) -> str:
 
 
 def time_variants(base: ModelConfig, shards: str | Path, split: str = "dev", variants: Sequence[str] = TIMING_VARIANTS,
-                  *, limit: int | None = None, repeats: int = 3, seed: int = 0, chunk: int = 16) -> dict[str, Any]:
-    """Seconds to score every mention of `split` against the whole KG, per variant (see the module docstring)."""
+                  *, limit: int | None = None, repeats: int = 3, seed: int = 0, chunk: int = 16,
+                  extra: dict[str, tuple[str, Callable[[], AbstractContextManager]]] | None = None) -> dict[str, Any]:
+    """Seconds to score every mention of `split` against the whole KG, per variant (see the module docstring).
+
+    `extra` adds timed rows `label -> (variant, context)`: that variant's model scored inside `context()` (e.g. a
+    patched kernel), interleaved with the others."""
     torch.set_flush_denormal(True)
     pre = build_preprocessor(base)
     batch, _ = read_split(shards, split, pre, limit=limit, seed=seed)
@@ -87,18 +93,21 @@ def time_variants(base: ModelConfig, shards: str | Path, split: str = "dev", var
             e = build_index(loaded, shards, progress=False).features
             t_kg = time.perf_counter() - t0
             models[v] = (loaded, e, encode_mentions(loaded, batch), t_kg)
-    times: dict[str, list[float]] = {v: [] for v in variants}
+    rows = {v: (v, contextlib.nullcontext) for v in variants} | dict(extra or {})
+    times: dict[str, list[float]] = {label: [] for label in rows}
     for _ in range(repeats):
-        for v in variants:
+        for label, (v, context) in rows.items():
             loaded, e, m, _ = models[v]
-            times[v].append(run_exhaustive(loaded, m, e, gold, chunk=chunk)["seconds"])
+            with context():
+                times[label].append(run_exhaustive(loaded, m, e, gold, chunk=chunk)["seconds"])
     n_e = len(next(iter(models.values()))[1])
     out: dict[str, Any] = {"split": split, "mentions": len(gold), "entities": n_e, "repeats": repeats,
                            "threads": torch.get_num_threads(), "variants": {}}
-    for v in variants:
-        out["variants"][v] = {"best": min(times[v]), "median": statistics.median(times[v]), "all": times[v],
-                              "kg_seconds": models[v][3], "params": models[v][0].model.param_count(),
-                              "us_per_pair": 1e6 * min(times[v]) / (len(gold) * n_e)}
+    for label, (v, _) in rows.items():
+        t = times[label]
+        out["variants"][label] = {"best": min(t), "median": statistics.median(t), "all": t,
+                                  "kg_seconds": models[v][3], "params": models[v][0].model.param_count(),
+                                  "us_per_pair": 1e6 * min(t) / (len(gold) * n_e)}
     best = {v: r["best"] for v, r in out["variants"].items()}
     if "A1" in best:
         out["ratios"] = {f"{v}/ATT": best[v] / best["A1"] for v in best if v != "A1"}
