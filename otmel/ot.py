@@ -16,6 +16,7 @@ from torch import Tensor
 __all__ = [
     "SinkhornNotConvergedWarning",
     "cosine_cost",
+    "pairwise_dot",
     "plan_to_assignment",
     "sinkhorn",
 ]
@@ -402,5 +403,17 @@ def cosine_cost(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
     """
     xn = torch.nn.functional.normalize(x, dim=-1, eps=eps)
     yn = torch.nn.functional.normalize(y, dim=-1, eps=eps)
-    cos = xn @ yn.transpose(-1, -2)
+    cos = pairwise_dot(xn, yn)
     return ((1.0 - cos) * 0.5).clamp(0.0, 1.0)
+
+
+def pairwise_dot(x: Tensor, y: Tensor) -> Tensor:
+    """``x @ y.transpose(-1, -2)``: (..., n, d) x (..., m, d) -> (..., n, m), leading dims broadcast.
+
+    Through ``einsum``, which folds a leading dim that is 1 on one side into a single matrix product instead of
+    expanding and copying both operands as ``matmul`` does: for the pairwise matcher's (1, Be, n, d) entities
+    against (Bm, 1, m, d) mentions, one (Be n, d) x (d, Bm m) GEMM rather than two (Bm, Be, ., .) copies and Bm Be
+    tiny products (measured ~10x faster on CPU). The einsum's output is a permuted view; it is made contiguous
+    once here, since every later pass over it (softmax, the Sinkhorn mat-vecs) would otherwise copy it again.
+    """
+    return torch.einsum("...nd,...md->...nm", x, y).contiguous()

@@ -9,7 +9,7 @@ import torch
 from otmel.config import TABLE2_VARIANTS, VARIANTS, ModelConfig
 from otmel.loss import OTMELLoss
 from otmel.model import OTMEL, EntityFeatures
-from otmel.model.assign import CorrelationAssignment
+from otmel.model.assign import CorrelationAssignment, masked_softmax
 from otmel.model.pool import Pool
 from tests.model_helpers import entity_batch, random_batch, tiny_cfg
 
@@ -242,3 +242,48 @@ def test_matcher_checkpointing_gives_the_same_gradients() -> None:
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def _reference_masked_softmax(logits: torch.Tensor, mask_x: torch.Tensor, mask_y: torch.Tensor) -> torch.Tensor:
+    """The straightforward formula (broadcast (..., n, m) masks), kept as the oracle of the fused one."""
+    A = torch.softmax(logits.masked_fill(~mask_y.unsqueeze(-2), torch.finfo(logits.dtype).min), dim=-1)
+    return A * (mask_x.unsqueeze(-1) & mask_y.unsqueeze(-2))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_masked_softmax_equals_the_reference_bitwise(grad: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 7, 9, generator=g, requires_grad=grad)
+    mx, my = torch.rand(3, 5, 7, generator=g) > 0.3, torch.rand(3, 1, 9, generator=g) > 0.3
+    my[0, 0] = False  # a fully masked key set (a missing image)
+    with torch.set_grad_enabled(grad):
+        A = masked_softmax(x, mx, my)
+    assert torch.equal(A, _reference_masked_softmax(x, mx, my))
+    assert torch.equal(A[0], torch.zeros_like(A[0]))
+    if grad:  # the in-place row mask is only taken without autograd
+        A.sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("pooling", ["softpool", "mean", "max"])
+def test_factored_ot_inference_gives_the_dense_scores(pooling: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without autograd the matcher pools from the factored OT assignment; the scores equal the dense path's."""
+    import otmel.model.assign as assign
+
+    calls = []
+    original = assign.cosine_ot_assignment
+    monkeypatch.setattr(assign, "cosine_ot_assignment", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = _model("OT", pooling=pooling).eval()
+    b = random_batch()
+    with torch.no_grad():
+        fast = model(b)
+        assert len(calls) == 2  # text and image matchers, one chunk each
+        for matcher in (model.match_t, model.match_v):
+            matcher.factored_inference = False
+        dense = model(b)
+    assert len(calls) == 2
+    model.train()(b)  # with autograd: the dense, differentiable path
+    assert len(calls) == 2
+    for k in ("S_O", "S_T", "S_V"):
+        assert torch.allclose(fast[k], dense[k], atol=1e-6), k
+    assert torch.equal(fast["S_T"].argmax(1), dense["S_T"].argmax(1))

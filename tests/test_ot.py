@@ -12,7 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from otmel.ot import SinkhornNotConvergedWarning, cosine_cost, plan_to_assignment, sinkhorn
+from otmel.ot import SinkhornNotConvergedWarning, cosine_cost, pairwise_dot, plan_to_assignment, sinkhorn
+from otmel.ot_factored import cosine_ot_assignment, factored_ok
 
 METHODS = ("log", "kernel", "auto")
 
@@ -361,3 +362,48 @@ def test_cosine_cost_gradient_finite_at_zero_vectors() -> None:
     cosine_cost(x, y).sum().backward()
     assert x.grad is not None and y.grad is not None
     assert torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()
+
+
+# -- the factored inference path (otmel.ot_factored) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reg", [0.04, 0.1, 1.0])
+@pytest.mark.parametrize("n_iters", [1, 3, 12])
+def test_factored_cosine_assignment_equals_the_dense_path(reg: float, n_iters: int) -> None:
+    """Broadcast pairs (1, Be, n, d) x (Bm, 1, m, d), scattered masks, one mention with no valid key."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(1, 4, 5, 8, generator=g), torch.randn(3, 1, 6, 8, generator=g)
+    mx, my = torch.rand(1, 4, 5, generator=g) > 0.3, torch.rand(3, 1, 6, generator=g) > 0.3
+    my[0] = False  # a mention without an image: every pair of it is an empty problem
+    dense = plan_to_assignment(sinkhorn(cosine_cost(x, y), mx, my, reg=reg, n_iters=n_iters, method="log"), mx)
+    fac = cosine_ot_assignment(x, y, mx, my, reg=reg, n_iters=n_iters)
+    A = fac.dense()
+    assert A.shape == dense.shape == (3, 4, 5, 6)
+    assert torch.allclose(A, dense, atol=2e-6, rtol=1e-5)
+    assert torch.equal(A[0], torch.zeros_like(A[0]))  # empty problems: exactly 0, never NaN
+    pad = ~(mx.unsqueeze(-1) & my.unsqueeze(-2))
+    assert torch.equal(A[pad], torch.zeros_like(A[pad]))
+    # products with the factored form equal products with the matrix
+    h, w = torch.randn(3, 1, 6, 7, generator=g), torch.rand(3, 4, 2, 5, generator=g)
+    assert torch.allclose(fac.matmul(h), A @ h, atol=1e-5)
+    assert torch.allclose(fac.rmatmul(w), w @ A, atol=1e-5)
+
+
+def test_factored_path_unmasked_and_its_range_check() -> None:
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(2, 5, 4, generator=g), torch.randn(2, 7, 4, generator=g)
+    dense = plan_to_assignment(sinkhorn(cosine_cost(x, y), reg=0.05, n_iters=3))
+    assert torch.allclose(cosine_ot_assignment(x, y, None, None, reg=0.05, n_iters=3).dense(), dense, atol=2e-6)
+    assert factored_ok(1 / 30) and not factored_ok(0.03) and factored_ok(0.005, torch.float64)
+    with pytest.raises(ValueError, match="safe range"):
+        cosine_ot_assignment(x, y, None, None, reg=0.01, n_iters=3)
+    with pytest.raises(ValueError, match="n_iters"):
+        cosine_ot_assignment(x, y, None, None, reg=0.1, n_iters=0)
+
+
+def test_pairwise_dot_broadcasts_like_matmul_and_is_contiguous() -> None:
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(1, 3, 5, 4, generator=g), torch.randn(2, 1, 6, 4, generator=g)
+    out = pairwise_dot(x, y)
+    assert out.shape == (2, 3, 5, 6) and out.is_contiguous()
+    assert torch.allclose(out, x @ y.transpose(-1, -2), atol=1e-6)

@@ -26,6 +26,10 @@ from otmel.model.pool import Pool
 
 
 class UnimodalMatcher(nn.Module):
+    # Inference (no autograd) pools the teacher OT from its factored assignment (otmel.ot_factored): equal scores
+    # to float32 rounding, without writing the plans. False (per instance or class) forces the dense path.
+    factored_inference: bool = True
+
     def __init__(self, cfg: ModelConfig, dim: int) -> None:
         super().__init__()
         self.ca = make_ca(cfg, dim, cfg.match_ca, detach_cost=cfg.detach_match_cost)
@@ -61,13 +65,16 @@ class UnimodalMatcher(nn.Module):
         def chunk_scores(mask_e_c: torch.Tensor, x_e_c: torch.Tensor, *q: torch.Tensor) -> torch.Tensor:
             qe_c = {k: v.unsqueeze(0) for k, v in zip(keys, q, strict=True)}  # (1, c, Le, hidden)
             mask_e_c = mask_e_c.unsqueeze(0)  # (1, c, Le)
-            a = self.ca.assign(qe_c, km_b, mask_e_c, mask_m_b, mode)  # A: (Bm, c, Le, Lm)
-            g = self.pool.from_assignment(a.A, km_b["h"], mask_e_c)  # (Bm, c, d)
+            A = self.ca.assign_factored(qe_c, km_b, mask_e_c, mask_m_b) if factored else None
+            if A is None:
+                A = self.ca.assign(qe_c, km_b, mask_e_c, mask_m_b, mode).A  # (Bm, c, Le, Lm)
+            g = self.pool.from_assignment(A, km_b["h"], mask_e_c)  # (Bm, c, d)
             return (F.normalize(g, dim=-1) * x_e_c.unsqueeze(0)).sum(-1)  # (Bm, c)
 
         # With checkpointing, backward keeps only each chunk's inputs and (Bm, c) output and recomputes the
         # (Bm, c, Le, Lm) plans: activation memory grows with Bm * Be, not Bm * Be * Le * Lm.
         recompute = self.checkpoint and torch.is_grad_enabled()
+        factored = self.factored_inference and mode == "teacher" and not torch.is_grad_enabled()
         out = []
         for s in range(0, x_e.shape[0], self.chunk):
             sl = slice(s, s + self.chunk)

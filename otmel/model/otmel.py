@@ -138,19 +138,20 @@ class OTMEL(nn.Module):
 
         `entity_pool` widens the negatives: it maps this batch's entity features to the pool's (e.g. the
         global batch gathered from every worker, `otmel.train.distributed.gather_features`) and returns
-        the column offset of this batch's entities in it. Returns the keyword arguments of
-        `otmel.loss.OTMELLoss`."""
+        the column offset of this batch's entities in it. The batch may carry more entity rows than mentions
+        (hard negatives, `otmel.data.hard_negatives`): the first Bm are the golds, in mention order.
+        Returns the keyword arguments of `otmel.loss.OTMELLoss`."""
         m, kd_m = self._mention_features(batch)
-        e_local, kd_e = self._entity_features(batch)
+        e_local, kd_e = self._entity_features(batch)  # (Be_local >= Bm) golds first
         e, offset = entity_pool(e_local) if entity_pool is not None else (e_local, 0)
         s = self.score(m, e)
         kd_pairs = [a for a in kd_m + kd_e if a.student_logits is not None]
         if self.cfg.kd != "none" and self.cfg.use_matching:
-            kd_pairs += self._gold_pair_assignments(m, e_local)
+            kd_pairs += self._gold_pair_assignments(m, e_local.select(slice(0, len(m))))
         return {
             "S_O": s.S_O, "S_F": s.S_F, "S_T": s.S_T, "S_V": s.S_V, "V_valid": s.V_valid,
             "logit_scale": self.logit_scale,
-            "m_gold": batch["e_index"].long(),  # (Bm,) each mention's gold entity row
+            "m_gold": batch["e_index"][: len(m)].long(),  # (Bm,) each mention's gold entity row
             "e_ids": e.ids,  # (Be,) the entity row of each column
             "kd_pairs": kd_pairs,
             "targets": offset + torch.arange(len(m), device=m.t.device),  # (Bm,) gold columns

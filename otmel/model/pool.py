@@ -16,6 +16,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from otmel.ot_factored import ScaledKernel
+
 
 class Pool(nn.Module):
     def __init__(self, dim: int, kind: Literal["softpool", "mean", "max"] = "softpool") -> None:
@@ -47,15 +49,19 @@ class Pool(nn.Module):
             pooled = torch.matmul(w.unsqueeze(-2), x).squeeze(-2)
         return self._finish(pooled, mask)
 
-    def from_assignment(self, A: torch.Tensor, H: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Pool G = A H over its n rows: A (..., n, m), H (..., m, d), mask (..., n) -> (..., d)."""
+    def from_assignment(self, A: torch.Tensor | ScaledKernel, H: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Pool G = A H over its n rows: A (..., n, m) dense or factored, H (..., m, d), mask (..., n) -> (..., d)."""
+        if isinstance(A, ScaledKernel):
+            mm, rmm, dtype = A.matmul, A.rmatmul, A.K.dtype
+        else:
+            mm, rmm, dtype = A.matmul, (lambda w: torch.matmul(w, A)), A.dtype
         if self.kind == "max":
-            return self.forward(torch.matmul(A, H), mask)
+            return self.forward(mm(H), mask)
         s = None
         if self.kind == "softpool":
             hu = torch.matmul(H, self.score.weight.t())  # (..., m, 1)
-            s = torch.matmul(A, hu).squeeze(-1) + self.score.bias  # (..., n)
-        w = self._weights(s, mask).to(A.dtype)  # (..., n)
-        wa = torch.matmul(w.unsqueeze(-2), A)  # (..., 1, m)
-        pooled = torch.matmul(wa, H).squeeze(-2)  # (..., d)
+            s = mm(hu).squeeze(-1) + self.score.bias  # (..., n)
+        w = self._weights(s, mask).to(dtype)  # (..., n)
+        wa = rmm(w.unsqueeze(-2))  # (..., 1, m)
+        pooled = torch.einsum("...im,...md->...id", wa, H).squeeze(-2)  # (..., d); einsum: H is not expanded
         return self._finish(pooled, mask)

@@ -5,6 +5,7 @@ Layout of one checkpoint directory (Ray Train merges the per-rank files into one
 - `best.safetensors`       weights of the best dev-MRR epoch so far, when one exists (rank 0)
 - `state.json`             epoch, step in epoch, global step, best MRR/epoch, history, the run config (rank 0)
 - `optim-rank{r}.pt`       that rank's optimizer state (its ZeRO partition), LR scheduler and RNG states
+- `extra.safetensors`      run-level tensors, when any (rank 0): the mined hard-negative table
 
 Weights are safetensors; the `.pt` files hold only tensors and plain Python values and are read with
 `torch.load(weights_only=True)`: loading a checkpoint never unpickles code. Every file is written to a
@@ -26,6 +27,7 @@ from torch import nn
 from otmel.train.engine import Engine, load_state_file, save_state_file
 
 MODEL, BEST, STATE = "model.safetensors", "best.safetensors", "state.json"
+EXTRA = "extra.safetensors"  # run-level tensors beside the weights (e.g. the mined hard-negative table)
 
 
 def _atomic_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -66,6 +68,7 @@ def save_checkpoint(
     state: dict[str, Any],
     best: dict[str, torch.Tensor] | None,
     config: dict[str, Any],
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     save_state_file(
@@ -77,6 +80,8 @@ def save_checkpoint(
         _atomic_safetensors(model.state_dict(), directory / MODEL, meta)
         if best is not None:
             _atomic_safetensors(best, directory / BEST, meta)
+        if extra:
+            _atomic_safetensors(extra, directory / EXTRA, meta)
         _atomic_json({**state, "config": config}, directory / STATE)
 
 
@@ -94,6 +99,12 @@ def load_checkpoint(
         engine.load_scheduler_state(blob["scheduler"])
         set_rng_state(blob["rng"])
     return state, best
+
+
+def load_extra(directory: Path) -> dict[str, torch.Tensor]:
+    """The run-level tensors saved with `extra=` ({} when none were)."""
+    path = Path(directory) / EXTRA
+    return load_file(str(path)) if path.exists() else {}
 
 
 def load_model_weights(path: Path) -> dict[str, torch.Tensor]:

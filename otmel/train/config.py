@@ -50,6 +50,24 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: one per epoch)
     fail_at_step: int | None = None  # fault injection: rank 1 (or 0 alone) exits once at this global step
     progress: bool = True  # progress bars on rank 0
+    # Hard negatives (otmel/data/hard_negatives.py), off for the paper-faithful configs: per mention, add
+    # `hard_per_mention` KG entities drawn from its `hard_pool` best candidates: "lexical" (homonyms of the gold,
+    # then the string matcher's ranking of the surface form), "mined" (the model's own top wrong entities, mined
+    # every `mine_every` epochs from epoch `mine_start`, 0-based), or "both" (their union).
+    hard_negatives: Literal["none", "lexical", "mined", "both"] = "none"
+    hard_per_mention: int = 1
+    hard_pool: int = 16
+    mine_every: int = 1
+    mine_start: int = 0
+    mine_first_stage: Literal["summary", "cls", "fusion"] = "summary"  # the cheap score that mines
+
+    def __post_init__(self) -> None:
+        if self.hard_negatives != "none":
+            if self.hard_per_mention < 1 or self.hard_pool < self.hard_per_mention:
+                raise ValueError("config keys 'train.hard_per_mention' >= 1 and 'train.hard_pool' >= it are "
+                                 f"required, got {self.hard_per_mention} and {self.hard_pool}")
+            if self.mine_every < 1 or self.mine_start < 0:
+                raise ValueError("config keys 'train.mine_every' >= 1 and 'train.mine_start' >= 0 are required")
 
 
 @dataclass

@@ -26,11 +26,12 @@ from otmel.data.manifest import split_counts
 from otmel.loss import OTMELLoss
 from otmel.model import OTMEL
 from otmel.model.encoder import build_preprocessor
-from otmel.train.checkpoint import load_checkpoint, save_checkpoint
+from otmel.train.checkpoint import load_checkpoint, load_extra, save_checkpoint
 from otmel.train.config import RunConfig
 from otmel.train.distributed import entity_pool_for
 from otmel.train.engine import Engine
 from otmel.train.evaluate import encode_kg, evaluate_split
+from otmel.train.mining import HardNegativeSchedule
 from otmel.train.tracking import Tracker
 
 FAULT_MARKER = ".fault-injected"
@@ -111,21 +112,25 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     st: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_mrr": -1.0, "best_epoch": -1,
                           "history": []}
     best: dict[str, torch.Tensor] | None = None
+    hard = HardNegativeSchedule(cfg, pre, rank, world) if cfg.train.hard_negatives != "none" else None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             st, best = load_checkpoint(Path(d), rank=rank, model=model, engine=engine)
+            if hard is not None:
+                hard.restore(load_extra(Path(d)))
     tracker = Tracker(cfg.wandb, enabled=rank == 0, name=run_dir.name, config=config_dict,
                       directory=str(run_dir / "wandb"))
 
     def report(metrics: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(Path(tmp), rank=rank, model=model, engine=engine, state=st, best=best,
-                            config=config_dict)
+                            config=config_dict, extra=hard.state_tensors() if hard is not None else None)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     engine.train()
     for epoch in range(st["epoch"], cfg.train.epochs):
+        hard_stats = hard.start_epoch(model, epoch) if hard is not None else {}
         loader = train_loader(
             Path(cfg.data.shards), pre, batch_size=cfg.train.batch_size, steps_per_epoch=steps, epoch=epoch,
             seed=cfg.train.seed, rank=rank, world_size=world, num_workers=cfg.data.num_workers,
@@ -140,6 +145,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             if i < skip:
                 continue  # the batches consumed before the checkpoint we resumed from
             _maybe_inject_fault(cfg, st["global_step"], rank, world, run_dir)
+            if hard is not None:
+                batch = hard.augment(batch, epoch, i)
             terms = loss_fn(**engine(batch, entity_pool=pool))
             engine.step(terms["loss"])
             st["global_step"] += 1
@@ -159,7 +166,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         done = max(1, steps - skip)
         metrics: dict[str, float] = {f"train/{k}": v / done for k, v in sums.items()}
         metrics.update({"epoch": epoch + 1, "global_step": st["global_step"], "train/lr": engine.lr,
-                        "train/samples_per_s": n_samples / max(seconds, 1e-9)})
+                        "train/samples_per_s": n_samples / max(seconds, 1e-9)} | hard_stats)
         st["epoch"], st["step_in_epoch"] = epoch + 1, 0
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
             metrics.update(evaluate(model, ["dev"]))

@@ -1,0 +1,159 @@
+"""Mined hard negatives: the current model's top-k wrong entities for every training mention, in parallel.
+
+Every rank encodes its exactly-once share of the KG (pooled vectors only: what the cheap first-stage score of
+`otmel.link.scoring` needs) and the shares are all-gathered, so each rank holds the compact KG (Ne x a few d).
+Each rank then encodes its exactly-once share of the training mentions, scores them against the whole KG with
+the first-stage score (a few matrix products, no pairwise OT), drops the gold and keeps the top k. The
+(m_index, rows) pairs are all-gathered into one (N_train, k) table, identical on every rank. Cost per refresh:
+one forward pass over the KG and the training split, split across the ranks.
+
+Like `otmel.train.distributed`, no Ray here: the caller passes its loaders and the world size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from otmel.data.hard_negatives import NO_ENTITY, hard_negative_seed
+from otmel.data.loaders import eval_loader, kg_loader
+from otmel.data.manifest import num_entities, split_counts
+from otmel.data.transforms import Preprocessor
+from otmel.link.scoring import FirstStage, first_stage_scores
+from otmel.model import OTMEL, EntityFeatures
+from otmel.model.encoder import image_size_of
+from otmel.train.config import RunConfig
+from otmel.train.distributed import all_gather_uneven
+
+
+def empty_entity_batch(max_len: int, image_size: int) -> dict[str, torch.Tensor]:
+    """A one-row placeholder entity batch, encoded and then dropped by a rank whose KG share is empty (it
+    still joins the gathers with the right shapes)."""
+    return {
+        "e_input_ids": torch.ones(1, max_len, dtype=torch.long),
+        "e_attention_mask": torch.ones(1, max_len, dtype=torch.long),
+        "e_pixel_values": torch.zeros(1, 3, image_size, image_size),
+        "e_image_mask": torch.zeros(1, dtype=torch.bool),
+        "e_index": torch.zeros(1, dtype=torch.long),
+    }
+
+
+def _compact(e: EntityFeatures) -> EntityFeatures:
+    """Only the pooled vectors (the first-stage score's inputs), not the token-level matcher queries."""
+    return EntityFeatures(t=e.t, ids=e.ids, has_image=e.has_image, v=e.v, g=e.g)
+
+
+@torch.no_grad()
+def compact_kg(model: OTMEL, kg_batches: Iterable[dict[str, torch.Tensor]], world_size: int,
+               image_size: int) -> EntityFeatures:
+    parts = [_compact(model.encode_entities(b)) for b in kg_batches]
+    if not parts:
+        parts = [_compact(model.encode_entities(empty_entity_batch(model.cfg.max_len, image_size))).select(slice(0, 0))]
+    return all_gather_uneven(EntityFeatures.cat(parts), world_size)
+
+
+@torch.no_grad()
+def mine_hard_negatives(
+    model: OTMEL,
+    kg_batches: Iterable[dict[str, torch.Tensor]],
+    train_batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    k: int,
+    n_train: int,
+    world_size: int,
+    image_size: int,
+    first_stage: FirstStage = "summary",
+) -> torch.Tensor:
+    """(n_train, k) long table of KG rows, row `m_index`: the k best-scoring wrong entities, best first."""
+    was_training = model.training
+    model.eval()
+    try:
+        kg = compact_kg(model, kg_batches, world_size, image_size)
+        k_eff = min(k, max(len(kg) - 1, 0))
+        idx, rows = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, k, dtype=torch.long)]
+        for b in train_batches:
+            m = model.encode_mentions(b)
+            s = first_stage_scores(model, m, kg, first_stage)  # (B, Ne)
+            s = s.masked_fill(kg.ids.unsqueeze(0) == b["e_index"].long().unsqueeze(1), float("-inf"))
+            top = torch.topk(s, k_eff, dim=1).indices  # (B, k_eff)
+            r = torch.full((len(s), k), NO_ENTITY, dtype=torch.long)
+            r[:, :k_eff] = kg.ids[top]
+            idx.append(b["m_index"].long())
+            rows.append(r)
+        m_index = all_gather_uneven(torch.cat(idx), world_size)
+        found = all_gather_uneven(torch.cat(rows), world_size)
+    finally:
+        model.train(was_training)
+    table = torch.full((n_train, k), NO_ENTITY, dtype=torch.long)
+    table[m_index] = found
+    return table
+
+
+def combine_tables(*tables: torch.Tensor | None) -> torch.Tensor | None:
+    """Candidate tables side by side (columns of the first first); None where none is given."""
+    present = [t for t in tables if t is not None]
+    return torch.cat(present, 1) if present else None
+
+
+
+
+class HardNegativeSchedule:
+    """The training loop's hard negatives (`train.hard_negatives`): the candidate table of each epoch (lexical
+    once, mined when due) and the per-step draw. The mined table is checkpointed (`state_tensors` / `restore`),
+    so a run resumed inside an epoch uses the table that epoch started with."""
+
+    def __init__(self, cfg: RunConfig, preprocessor: Preprocessor, rank: int, world_size: int) -> None:
+        from otmel.data.hard_negatives import EntityStore, HardNegatives, lexical_table
+
+        t = cfg.train
+        self.cfg, self.pre, self.rank, self.world = cfg, preprocessor, rank, world_size
+        shards = Path(cfg.data.shards)
+        self.n_train = split_counts(shards)["train"]
+        self.hard = HardNegatives(EntityStore(shards), preprocessor, t.hard_per_mention, num_entities(shards))
+        self.lexical = lexical_table(shards, t.hard_pool) if t.hard_negatives in ("lexical", "both") else None
+        self.mined: torch.Tensor | None = None
+        self.mined_epoch = -1
+        self.mine_seconds: list[float] = []
+
+    def due(self, epoch: int) -> bool:
+        t = self.cfg.train
+        return t.hard_negatives in ("mined", "both") and epoch >= t.mine_start and \
+            (epoch - t.mine_start) % t.mine_every == 0
+
+    def start_epoch(self, model: OTMEL, epoch: int) -> dict[str, float]:
+        """Mine if due (and not already mined for this epoch, e.g. restored); set the epoch's table."""
+        out: dict[str, float] = {}
+        if self.due(epoch) and self.mined_epoch != epoch:
+            t0 = time.perf_counter()
+            shards, kw = Path(self.cfg.data.shards), dict(
+                batch_size=self.cfg.train.eval_batch_size, rank=self.rank, world_size=self.world,
+                num_workers=self.cfg.data.num_workers)
+            self.mined = mine_hard_negatives(
+                model, kg_loader(shards, self.pre, **kw), eval_loader(shards, "train", self.pre, **kw),
+                k=self.cfg.train.hard_pool, n_train=self.n_train, world_size=self.world,
+                image_size=image_size_of(model.cfg), first_stage=self.cfg.train.mine_first_stage)
+            self.mined_epoch = epoch
+            out["hard/mine_seconds"] = time.perf_counter() - t0
+        table = combine_tables(self.mined, self.lexical)
+        if table is not None:
+            self.hard.set_table(table)
+            out["hard/candidates_per_mention"] = float((table != NO_ENTITY).sum(1).float().mean())
+        return out
+
+    def augment(self, batch: dict[str, torch.Tensor], epoch: int, step: int) -> dict[str, torch.Tensor]:
+        return self.hard.augment(batch, hard_negative_seed(self.cfg.train.seed, epoch, self.rank, step))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        if self.mined is None:
+            return {}
+        return {"mined": self.mined, "mined_epoch": torch.tensor([self.mined_epoch])}
+
+    def restore(self, extra: dict[str, torch.Tensor]) -> None:
+        if "mined" in extra:
+            self.mined, self.mined_epoch = extra["mined"].long(), int(extra["mined_epoch"][0])
+
+
+__all__ = ["HardNegativeSchedule", "combine_tables", "compact_kg", "empty_entity_batch", "mine_hard_negatives"]
