@@ -25,6 +25,13 @@ from otmel.model.fusion import make_ca
 from otmel.model.pool import Pool
 
 
+def valid_prefix(mask: torch.Tensor) -> int:
+    """1 + the last column that is valid in some row of `mask` (B, L) (at least 1): the columns after it are
+    padding in every row and can be dropped before any masked computation (one host sync)."""
+    cols = mask.any(0).nonzero()
+    return max(1, int(cols[-1]) + 1) if len(cols) else 1
+
+
 class UnimodalMatcher(nn.Module):
     # Inference (no autograd) pools the teacher OT from its factored assignment (otmel.ot_factored): equal scores
     # to float32 rounding, without writing the plans. False (per instance or class) forces the dense path.
@@ -58,8 +65,9 @@ class UnimodalMatcher(nn.Module):
         """S (Bm, Be) for every pair, chunked over entities."""
         mode = "student" if mode == "student" else "teacher"  # the pairwise pass never needs both
         cls_term = x_m @ x_e.t()  # (Bm, Be)
-        km_b = {k: v.unsqueeze(1) for k, v in km.items()}  # (Bm, 1, Lm, .)
-        mask_m_b = mask_m.unsqueeze(1)  # (Bm, 1, Lm)
+        lm = valid_prefix(mask_m)  # trailing columns padded in every mention are dropped (exact: zero mass)
+        km_b = {k: v[:, :lm].unsqueeze(1) for k, v in km.items()}  # (Bm, 1, Lm, .)
+        mask_m_b = mask_m[:, :lm].unsqueeze(1)  # (Bm, 1, Lm)
         keys = sorted(qe)
 
         def chunk_scores(mask_e_c: torch.Tensor, x_e_c: torch.Tensor, *q: torch.Tensor) -> torch.Tensor:
@@ -78,7 +86,8 @@ class UnimodalMatcher(nn.Module):
         out = []
         for s in range(0, x_e.shape[0], self.chunk):
             sl = slice(s, s + self.chunk)
-            args = (mask_e[sl], x_e[sl], *(qe[k][sl] for k in keys))
+            le = valid_prefix(mask_e[sl])  # likewise for the chunk's entities (short names: Le << max_len)
+            args = (mask_e[sl, :le], x_e[sl], *(qe[k][sl, :le] for k in keys))
             if recompute:
                 out.append(torch.utils.checkpoint.checkpoint(chunk_scores, *args, use_reentrant=False))
             else:

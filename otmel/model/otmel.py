@@ -25,7 +25,7 @@ from otmel.model.assign import Assignment, Mode
 from otmel.model.encoder import Encoder
 from otmel.model.features import EntityFeatures, MentionFeatures, Scores
 from otmel.model.fusion import Fusion
-from otmel.model.matching import UnimodalMatcher
+from otmel.model.matching import UnimodalMatcher, valid_prefix
 
 
 class OTMEL(nn.Module):
@@ -52,7 +52,11 @@ class OTMEL(nn.Module):
     def _encode(self, batch: dict[str, torch.Tensor], p: str) -> tuple[dict[str, Any], list[Assignment]]:
         """Shared by both sides (p = "m" or "e"): CLIP states, pooled embeddings, fusion."""
         mask_t = batch[f"{p}_attention_mask"].bool()  # (B, Lt)
-        T, t = self.encoder.encode_text(batch[f"{p}_input_ids"], mask_t.long())  # (B, Lt, d), (B, d)
+        # The text tower sees only the columns up to the batch's longest text (right padding): entity names are
+        # often a few tokens of a 40-token budget. Its states are padded back with zeros (masked everywhere).
+        keep = valid_prefix(mask_t)
+        T, t = self.encoder.encode_text(batch[f"{p}_input_ids"][:, :keep], mask_t[:, :keep].long())  # (B, keep, d)
+        T = F.pad(T, (0, 0, 0, mask_t.shape[1] - keep))  # (B, Lt, d)
         has_image = batch[f"{p}_image_mask"].bool() if self.cfg.use_images else torch.zeros_like(mask_t[:, 0])
         out: dict[str, Any] = {"T": T, "mask_t": mask_t, "t": F.normalize(t, dim=-1), "has_image": has_image}
         V = mask_v = None
