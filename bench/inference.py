@@ -53,9 +53,11 @@ def part_a(args: argparse.Namespace) -> dict:
           f"{args.checkpoint} {args.a_config or ''} (tiny_width {base.tiny_width}, hidden {base.hidden_dim}, "
           f"image {base.tiny_image_size}/{base.tiny_patch_size}), random weights", flush=True)
     extra = {"OT+dense": ("OT", dense_ot)}
-    res = time_variants(base, args.shards_a, args.split_a, ("OT", "A1", "KD"), repeats=args.repeats, extra=extra)
+    res = time_variants(base, args.shards_a, args.split_a, ("OT", "A1", "KD"), repeats=args.repeats, extra=extra,
+                        chunk=args.chunk_a, device=args.device)
     print(f"{res['mentions']} mentions x {res['entities']} entities, best of {args.repeats} interleaved repeats, "
-          f"{res['threads']} torch thread(s); 'OT+dense': the OT model with the factored inference path off")
+          f"on {args.device} ({res['threads']} torch thread(s)), {args.chunk_a} mentions per scoring call; "
+          "'OT+dense': the OT model with the factored inference path off")
     print(f"{'variant':<30} {'best s':>8} {'median s':>9} {'us/pair':>8} {'vs ATT':>7}")
     att = res["variants"]["A1"]["best"]
     for v, r in res["variants"].items():
@@ -151,6 +153,8 @@ def main() -> None:
     p.add_argument("--shards-a", default=str(ROOT / "shards/synth"))
     p.add_argument("--split-a", default="dev")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="(a): where the timed scoring runs (cpu, cuda)")
+    p.add_argument("--chunk-a", type=int, default=16, help="(a): mentions per scoring call")
     p.add_argument("--a-config", default="", help="(a): model config overrides, e.g. hidden_dim=96,tiny_patch_size=32")
     p.add_argument("--shards-b", default=str(ROOT / "shards/synth25"))
     p.add_argument("--index-b", default=str(ROOT / "data/index-synth25"))
@@ -164,7 +168,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()}", flush=True)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()}"
+          + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""), flush=True)
     out: dict = {"threads": args.threads, "load_start": os.getloadavg()}
     if args.part in ("a", "all"):
         out["a"] = part_a(args)

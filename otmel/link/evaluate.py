@@ -100,6 +100,8 @@ def run_exhaustive(loaded: LoadedCheckpoint, m: MentionFeatures, e: EntityFeatur
         mc, g = m.select(slice(s, s + chunk)), gold[s:s + chunk]
         t0 = time.perf_counter()
         S = full_scores(model, mc, e)["S_O"].float()
+        if S.is_cuda:
+            torch.cuda.synchronize(S.device)
         secs += time.perf_counter() - t0
         ranks.append(gold_ranks(S, g))
         top1.append(torch.nan_to_num(S, nan=float("-inf")).argmax(1))  # first maximum = lowest row

@@ -75,11 +75,13 @@ def run_shards(run: str | Path) -> str:
 
 def time_variants(base: ModelConfig, shards: str | Path, split: str = "dev", variants: Sequence[str] = TIMING_VARIANTS,
                   *, limit: int | None = None, repeats: int = 3, seed: int = 0, chunk: int = 16,
-                  extra: dict[str, tuple[str, Callable[[], AbstractContextManager]]] | None = None) -> dict[str, Any]:
+                  extra: dict[str, tuple[str, Callable[[], AbstractContextManager]]] | None = None,
+                  device: str = "cpu") -> dict[str, Any]:
     """Seconds to score every mention of `split` against the whole KG, per variant (see the module docstring).
 
     `extra` adds timed rows `label -> (variant, context)`: that variant's model scored inside `context()` (e.g. a
-    patched kernel), interleaved with the others."""
+    patched kernel), interleaved with the others. Features are encoded on the CPU, then model, features and gold
+    rows move to `device` for the timed scoring (CUDA: timed with a synchronisation per chunk)."""
     torch.set_flush_denormal(True)
     pre = build_preprocessor(base)
     batch, _ = read_split(shards, split, pre, limit=limit, seed=seed)
@@ -92,7 +94,10 @@ def time_variants(base: ModelConfig, shards: str | Path, split: str = "dev", var
             t0 = time.perf_counter()
             e = build_index(loaded, shards, progress=False).features
             t_kg = time.perf_counter() - t0
-            models[v] = (loaded, e, encode_mentions(loaded, batch), t_kg)
+            m = encode_mentions(loaded, batch)
+            loaded.model.to(device)
+            models[v] = (loaded, e.to(device), m.to(device), t_kg)
+    gold = gold.to(device)
     rows = {v: (v, contextlib.nullcontext) for v in variants} | dict(extra or {})
     times: dict[str, list[float]] = {label: [] for label in rows}
     for _ in range(repeats):
@@ -102,7 +107,7 @@ def time_variants(base: ModelConfig, shards: str | Path, split: str = "dev", var
                 times[label].append(run_exhaustive(loaded, m, e, gold, chunk=chunk)["seconds"])
     n_e = len(next(iter(models.values()))[1])
     out: dict[str, Any] = {"split": split, "mentions": len(gold), "entities": n_e, "repeats": repeats,
-                           "threads": torch.get_num_threads(), "variants": {}}
+                           "threads": torch.get_num_threads(), "device": str(device), "variants": {}}
     for label, (v, _) in rows.items():
         t = times[label]
         out["variants"][label] = {"best": min(t), "median": statistics.median(t), "all": t,
