@@ -6,12 +6,9 @@ computes everything the tests below check, so the process start-up (~5 s) is pai
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from otmel.loss import OTMELLoss, exclusion_mask
 from otmel.model import OTMEL, EntityFeatures
@@ -23,6 +20,7 @@ from otmel.train.distributed import (
     gather_features,
     make_entity_pool,
 )
+from tests.gloo_helpers import spawn_and_join
 from tests.model_helpers import random_batch, tiny_cfg
 
 B, W = 4, 2  # per-worker batch, workers
@@ -153,13 +151,7 @@ def dp_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("gloo")
     model = _model()
     torch.save(model.state_dict(), tmp / "init.pt")  # both ranks start from exactly these weights
-    ctx = mp.start_processes(_worker, args=(str(tmp),), nprocs=W, join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("gloo workers timed out")
+    spawn_and_join(_worker, (str(tmp),), W, timeout=120)
     ref, excl = _reference(model)
     sizes = [p.numel() for p in model.parameters()]
     names = [n for n, _ in model.named_parameters()]

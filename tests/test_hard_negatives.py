@@ -4,13 +4,11 @@ and loss, and mining (one process, and a real 2-process gloo group equal to it).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from otmel.config import ModelConfig
 from otmel.data.baselines import normalise
@@ -25,15 +23,15 @@ from otmel.data.hard_negatives import (
 )
 from otmel.data.loaders import eval_loader, kg_loader, train_loader
 from otmel.data.manifest import KG, num_entities, read_manifest, shard_infos, split_counts
-from otmel.data.pack import pack
 from otmel.data.shards import iter_shard
-from otmel.data.synth import generate
 from otmel.link.scoring import first_stage_scores
 from otmel.loss import OTMELLoss, exclusion_mask
 from otmel.model import OTMEL
 from otmel.model.encoder import build_preprocessor
 from otmel.train.config import load_config
 from otmel.train.mining import combine_tables, mine_hard_negatives
+from tests.gloo_helpers import spawn_and_join
+from tests.ray_helpers import synth_shards
 
 W = 2
 
@@ -45,10 +43,8 @@ def _cfg() -> ModelConfig:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("hn")
-    generate(root / "src", seed=5, scale=0.05, workers=1)  # 100 entities, shared names (homonyms)
-    pack(root / "src", "cleaned", root / "shards", shard_size=16, progress=False)
-    return root / "shards"
+    # 100 entities with shared names (homonyms), in 16-sample shards (several KG shards per rank)
+    return synth_shards(tmp_path_factory.mktemp("hn"), seed=5, scale=0.05, shard_size=16)
 
 
 def test_entity_store_gives_every_kg_sample_by_row(shards: Path) -> None:
@@ -188,14 +184,7 @@ def test_mining_on_two_workers_equals_one_worker(shards: Path, tmp_path: Path) -
     torch.manual_seed(1)
     model = OTMEL(_cfg())
     torch.save(model.state_dict(), tmp_path / "init.pt")
-    ctx = mp.start_processes(_mine_worker, args=(str(tmp_path), str(shards)), nprocs=W, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 180
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("gloo workers timed out")
+    spawn_and_join(_mine_worker, (str(tmp_path), str(shards)), W, timeout=180)
     t0, t1 = (torch.load(tmp_path / f"table{r}.pt", weights_only=True) for r in range(W))
     assert torch.equal(t0, t1)
     assert torch.equal(t0, _brute_force_table(model.eval(), shards, 5))

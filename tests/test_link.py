@@ -19,9 +19,7 @@ from PIL import Image
 
 from otmel.data.loaders import eval_loader, kg_loader
 from otmel.data.manifest import KG, shard_infos
-from otmel.data.pack import pack
 from otmel.data.shards import iter_shard, sha256_file
-from otmel.data.synth import generate
 from otmel.link import (
     EntityIndex,
     EntityIndexError,
@@ -39,6 +37,7 @@ from otmel.model import OTMEL
 from otmel.model.encoder import build_preprocessor
 from otmel.train.evaluate import evaluate_split
 from tests.model_helpers import tiny_cfg
+from tests.ray_helpers import synth_shards
 
 FIELDS = ("t", "ids", "has_image", "v", "g", "mask_t", "q_t", "q_t_s", "mask_v", "q_v", "q_v_s")
 
@@ -56,8 +55,7 @@ def make_checkpoint(directory: Path, seed: int, variant: str = "OT", **kw: objec
 def kg(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.getbasetemp() / "link-synth"
     if not (root / "shards" / "manifest.json").exists():
-        generate(root / "src", seed=5, scale=0.05, workers=1)
-        pack(root / "src", "cleaned", root / "shards", shard_size=40, progress=False)
+        synth_shards(root, seed=5, scale=0.05)
     return root / "shards"
 
 

@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from otmel.data.pack import pack
-from otmel.data.synth import generate
 from otmel.train.checkpoint import load_checkpoint
 from otmel.train.launch import main as train_main
 from otmel.train.loop import FAULT_MARKER
+from tests.ray_helpers import local_ray, synth_shards
 
 pytestmark = pytest.mark.slow
 # The job test runs first: it starts and force-stops its own head before this module's in-process Ray.
@@ -29,23 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    generate(root / "src", seed=3, scale=0.1, workers=1)
-    pack(root / "src", "cleaned", root / "shards", shard_size=40, progress=False)
-    return root / "shards"
+    return synth_shards(tmp_path_factory.mktemp("synth"))
 
 
 @pytest.fixture(scope="module")
-def ray_session(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    import ray
-
-    tmp = Path("/tmp") / f"otmel-ray-{os.getpid()}"  # short: Ray's socket paths are length-limited
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=str(tmp),
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
-                                       "TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
+def ray_session():  # type: ignore[no-untyped-def]
+    with local_ray("otmel-ray", num_cpus=2):
+        yield
 
 
 def _overrides(shards: Path, storage: Path, name: str, *extra: str) -> list[str]:

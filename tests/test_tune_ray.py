@@ -5,17 +5,14 @@ of the ordinary training code path on a tiny synthetic dataset; ranked outputs, 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from otmel.data.pack import pack
-from otmel.data.synth import generate
 from otmel.train.config import load_config
 from otmel.train.tune import run_sweep
+from tests.ray_helpers import local_ray, synth_shards
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,23 +34,13 @@ space:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    generate(root / "src", seed=3, scale=0.1, workers=1)
-    pack(root / "src", "cleaned", root / "shards", shard_size=40, progress=False)
-    return root / "shards"
+    return synth_shards(tmp_path_factory.mktemp("synth"))
 
 
 @pytest.fixture(scope="module")
 def ray_session():  # type: ignore[no-untyped-def]
-    import ray
-
-    tmp = Path("/tmp") / f"otmel-tune-{os.getpid()}"  # short: Ray's socket paths are length-limited
-    ray.init(num_cpus=3, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=str(tmp),
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
-                                       "TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
+    with local_ray("otmel-tune", num_cpus=3):
+        yield
 
 
 def test_sweep_ranks_writes_best_yaml_and_restores(shards: Path, tmp_path: Path, ray_session: None) -> None:
