@@ -1,0 +1,127 @@
+"""`otmel train`, `baseline`, `tune`, `ablate`, `plot`: training on Ray and its experiments."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train OT-MEL on Ray Train (+ DeepSpeed); no arguments: the embedded synthetic default",
+        description="Train OT-MEL with Ray Train. With no arguments: start a local Ray, generate and pack the "
+        "synthetic benchmark if absent, train the tiny model on 2 CPU workers, evaluate, print the table.",
+    )
+    p.add_argument("--config", default=None, help="YAML run config (default: configs/synth.yaml)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run stored in RUN_DIR")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides such as train.epochs=2")
+
+    def run(args: argparse.Namespace) -> int:
+        from otmel.train.launch import main as train_main
+
+        train_main(args.config, args.overrides, args.resume)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _cmd_baseline(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("baseline", help="string-match and CLS-only baselines (default: the synthetic data)")
+    p.add_argument("--config", default=None, help="YAML run config (default: configs/synth.yaml)")
+    p.add_argument("--split", default="test", choices=["dev", "test"])
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides for the CLS-only run")
+
+    def run(args: argparse.Namespace) -> int:
+        from otmel.train.launch import baselines
+
+        baselines(args.config, args.overrides, args.split)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------------------ sweeps and ablations
+
+
+def _csv_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _cmd_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="hyper-parameter sweep with Ray Tune + ASHA; every trial a Ray Train run",
+        description="Sweep the run config over the search space of a sweep file (configs/search/*.yaml). "
+        "Writes RUN.storage/sweeps/NAME/{ranked.md,ranked.csv,rows.json,best.yaml}.",
+    )
+    p.add_argument("--config", default=None, help="YAML run config (default: configs/synth.yaml)")
+    p.add_argument("--search", required=True, help="sweep file, e.g. configs/search/ot.yaml")
+    p.add_argument("--name", default=None, help="sweep name (default: the sweep file's name + a timestamp)")
+    p.add_argument("--resume", action="store_true", help="restore the interrupted sweep --name and finish it")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides for every trial")
+
+    def run(args: argparse.Namespace) -> int:
+        from otmel.train.tune import run_sweep
+
+        if args.resume and not args.name:
+            print("otmel tune: --resume needs --name", file=sys.stderr)
+            return 2
+        run_sweep(args.config, args.search, args.overrides, name=args.name, resume=args.resume)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _cmd_ablate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ablate",
+        help="the Table-2 ablation: variants x seeds as Tune trials, summarised as a table",
+        description="Train every Table-2 variant with every seed (each a Ray Train run, scheduled by Tune) "
+        "and write RUN.storage/sweeps/NAME/{ablation.md,ablation.csv,rows.json}.",
+    )
+    p.add_argument("--config", default=None, help="YAML run config (default: configs/synth.yaml)")
+    p.add_argument("--variants", default=None, help="comma-separated (default: OT,F1,F2,M1,M2,A1,O1,O2,KD,K1,K2)")
+    p.add_argument("--seeds", default="0,1", help="comma-separated train.seed values (default 0,1)")
+    p.add_argument("--concurrent", type=int, default=1, help="trials at a time (default 1)")
+    p.add_argument("--name", default=None, help="experiment name (default: ablation + a timestamp)")
+    p.add_argument("--resume", action="store_true", help="restore the interrupted ablation --name and finish it")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides, e.g. train.epochs=3")
+
+    def run(args: argparse.Namespace) -> int:
+        from otmel.train.ablate import run_ablation
+
+        if args.resume and not args.name:
+            print("otmel ablate: --resume needs --name", file=sys.stderr)
+            return 2
+        run_ablation(args.config, args.overrides, variants=_csv_list(args.variants) if args.variants else None,
+                     seeds=[int(s) for s in _csv_list(args.seeds)], name=args.name, resume=args.resume,
+                     concurrent=args.concurrent)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _cmd_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="figures from finished experiments (e.g. `otmel plot sweep RUN`)")
+    kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    s = kinds.add_parser("sweep", help="H@1 and MRR against model.reg (and the plan entropy), as in Fig. 3")
+    s.add_argument("run", metavar="RUN", help="sweep directory (runs/sweeps/NAME) or its NAME under runs/sweeps")
+    s.add_argument("--out", default=None, help="PNG path (default: RUN/reg.png)")
+    s.add_argument("--x", default="model.reg", help="swept key on the x axis (default model.reg)")
+
+    def run(args: argparse.Namespace) -> int:
+        from otmel.train.plots import plot_sweep, resolve_sweep
+
+        try:
+            out = plot_sweep(resolve_sweep(args.run), args.out, x_key=args.x)
+        except (FileNotFoundError, KeyError, ValueError) as exc:
+            print(f"otmel plot: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {out}")
+        return 0
+
+    s.set_defaults(func=run)
+
+
+COMMANDS = [_cmd_train, _cmd_baseline, _cmd_tune, _cmd_ablate, _cmd_plot]
