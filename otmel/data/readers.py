@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from otmel.data.formats import read_cleaned, read_jsonl, read_melbench, join_attrs
+from otmel.data.formats import join_attrs, read_cleaned, read_jsonl, read_melbench
 from otmel.data.images import IMAGE_OK, read_first_readable
 from otmel.data.records import (
     NIL,
