@@ -31,8 +31,9 @@ from otmel.link import (
     load_checkpoint_model,
     save_model_checkpoint,
 )
-from otmel.link.evaluate import encode_mentions, evaluate, read_split
+from otmel.link.evaluate import encode_mentions, evaluate, format_eval, read_split
 from otmel.link.scoring import first_stage_scores, stable_topk
+from otmel.metrics import gold_ranks, metrics_from_ranks
 from otmel.model import OTMEL
 from otmel.model.encoder import build_preprocessor
 from otmel.train.evaluate import evaluate_split
@@ -319,6 +320,25 @@ def test_two_stage_ranks_and_the_sweep_match_a_real_two_stage_pass(ckpt: Path, k
     assert bool((r2 >= 1).all()) and bool((r2 <= 100).all())
     # wherever the gold is the exhaustive top-1 and was retrieved, both modes rank it first
     assert bool((r2[(r1 == 1) & (r2 <= 4)] == 1).all())
+
+
+def test_term_metrics_rank_by_each_score_term_alone(ckpt: Path, kg: Path, index_dir: Path) -> None:
+    res = evaluate(ckpt, kg, "test", modes=("exhaustive",), index=index_dir, terms=True)
+    terms = res["modes"]["exhaustive"]["terms"]
+    assert set(terms) == {"S_F", "S_T", "S_V", "cos_t", "ca_t"}
+    # reference: score the KG directly and rank by each term
+    loaded = load_checkpoint_model(ckpt)
+    batch, _ = read_split(kg, "test", build_preprocessor(loaded.config))
+    m, e = encode_mentions(loaded, batch), EntityIndex.load(index_dir).features
+    with torch.no_grad():
+        s = loaded.model.score(m, e)
+    ref = {"S_F": s.S_F, "S_T": s.S_T, "cos_t": m.t @ e.t.t(), "ca_t": 2 * s.S_T - m.t @ e.t.t()}
+    for name, S in ref.items():
+        assert terms[name] == pytest.approx(metrics_from_ranks(gold_ranks(S, batch["e_index"])), abs=1e-9), name
+    # the text CA half and the pooled half are different rankings (else the term split would be vacuous)
+    assert terms["ca_t"] != terms["cos_t"]
+    assert "by cos_t" in format_eval(res) and "terms" not in evaluate(ckpt, kg, "test", modes=("exhaustive",),
+                                                                      index=index_dir, limit=5)["modes"]["exhaustive"]
 
 
 def test_evaluate_with_a_limit_reads_a_seeded_subset(ckpt: Path, kg: Path, index_dir: Path) -> None:

@@ -111,6 +111,8 @@ def _cmd_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="a seeded random subset of N mentions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="Ray actors encoding the KG (0: in this process)")
+    p.add_argument("--terms", action="store_true",
+                   help="exhaustive mode: also rank by each score term alone (S_F, S_T, S_V, text cosine, text CA)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the full result (per mention) here")
 
     def run(args: argparse.Namespace) -> int:
@@ -122,7 +124,7 @@ def _cmd_eval(sub: argparse._SubParsersAction) -> None:
         try:
             res = evaluate(args.checkpoint, args.shards, args.split, modes=modes, candidates=args.candidates,
                            first_stage=args.first_stage, index=args.index, limit=args.limit, seed=args.seed,
-                           workers=args.workers, progress=True)
+                           workers=args.workers, terms=args.terms, progress=True)
         except (*_link_errors(), ValueError) as exc:
             return _fail("eval", exc)
         print(format_eval(res))

@@ -10,6 +10,9 @@ Top-1 predictions break exact ties by the lower KG row in both modes.
 When the exhaustive pass runs, a *sweep* can also be derived from it exactly, for any list of K and first
 stages: the two-stage top-1 at K is the best S_O among the first-stage top-K, so agreement(K) and H@1(K)
 need no further OT (`sweep_ks`). The real two-stage pass checks this against its own re-ranked scores.
+
+`terms=True` also ranks the KG by each term of the score on its own (`TERM_NAMES`): which part of the model
+carries the ranking, measured on the trained checkpoint without retraining anything.
 """
 
 from __future__ import annotations
@@ -70,6 +73,24 @@ def encode_mentions(loaded: LoadedCheckpoint, batch: dict[str, torch.Tensor], ba
     return MentionFeatures.cat(parts)
 
 
+TERM_NAMES: dict[str, str] = {
+    "S_F": "fusion score <g_m, g_e>",
+    "S_T": "text matching (CA half + pooled half) / 2",
+    "S_V": "image matching (pairs where both images exist; else 0)",
+    "cos_t": "pooled text embeddings alone <t_m, t_e>",
+    "ca_t": "text CA half alone cos(pool(A H_m), t_e) = 2 S_T - cos_t",
+}
+
+
+def term_scores(full: dict[str, torch.Tensor], m: MentionFeatures, e: EntityFeatures) -> dict[str, torch.Tensor]:
+    """Each term of the score (`TERM_NAMES`) that this model has, as (Bm, Be), from `full_scores` output."""
+    out = {k: full[k] for k in ("S_F", "S_T", "S_V") if k in full}
+    if "S_T" in full:
+        cos = m.t @ e.t.t()  # (Bm, Be)
+        out["cos_t"], out["ca_t"] = cos, 2 * full["S_T"] - cos
+    return out
+
+
 def _two_stage_ranks(S: torch.Tensor, cand: torch.Tensor, cheap: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
     """Gold ranks in the two-stage ranking (module docstring). S (B, K) full scores of cand (B, K), cheap (B, E)."""
     neg = float("-inf")
@@ -89,21 +110,27 @@ def _two_stage_ranks(S: torch.Tensor, cand: torch.Tensor, cheap: torch.Tensor, g
 @torch.no_grad()
 def run_exhaustive(loaded: LoadedCheckpoint, m: MentionFeatures, e: EntityFeatures, gold: torch.Tensor, *,
                    chunk: int = 16, sweep_ks: Sequence[int] = (), sweep_first_stages: Sequence[str] = (),
-                   ) -> dict[str, Any]:
+                   terms: bool = False) -> dict[str, Any]:
     """Full-model scores of every mention against every entity (chunks of `chunk` mentions): gold ranks,
-    top-1, and the sweep (two-stage outcome per first stage and K, derived from these scores)."""
+    top-1, the sweep (two-stage outcome per first stage and K, derived from these scores) and, with `terms`,
+    the gold ranks by each score term alone (`term_ranks`)."""
     model = loaded.model
     ranks, top1, secs = [], [], 0.0
     kmax = max(sweep_ks, default=0)
     sweep: dict[str, dict[int, list[torch.Tensor]]] = {f: {k: [] for k in sweep_ks} for f in sweep_first_stages}
+    term_ranks: dict[str, list[torch.Tensor]] = {}
     for s in range(0, len(m), chunk):
         mc, g = m.select(slice(s, s + chunk)), gold[s:s + chunk]
         t0 = time.perf_counter()
-        S = full_scores(model, mc, e)["S_O"].float()
+        full = full_scores(model, mc, e)
+        S = full["S_O"].float()
         if S.is_cuda:
             torch.cuda.synchronize(S.device)
         secs += time.perf_counter() - t0
         ranks.append(gold_ranks(S, g))
+        if terms and not model.cfg.cls_only:
+            for name, T in term_scores(full, mc, e).items():
+                term_ranks.setdefault(name, []).append(gold_ranks(T.float(), g))
         top1.append(torch.nan_to_num(S, nan=float("-inf")).argmax(1))  # first maximum = lowest row
         for f in sweep_first_stages:
             _, cand = stable_topk(first_stage_scores(model, mc, e, f), kmax)  # type: ignore[arg-type]
@@ -113,6 +140,7 @@ def run_exhaustive(loaded: LoadedCheckpoint, m: MentionFeatures, e: EntityFeatur
                                    .squeeze(1))
     out: dict[str, Any] = {"ranks": torch.cat(ranks), "top1": torch.cat(top1), "seconds": secs}
     out["sweep_top1"] = {f: {k: torch.cat(v) for k, v in d.items()} for f, d in sweep.items()}
+    out["term_ranks"] = {k: torch.cat(v) for k, v in term_ranks.items()}
     return out
 
 
@@ -150,11 +178,13 @@ def evaluate(
     workers: int = 0,
     sweep_ks: Sequence[int] = (),
     sweep_first_stages: Sequence[str] = (),
+    terms: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Metrics and wall time of each mode on `split` of the packed `shards` over the whole KG, and the top-1
     agreement between the modes (when both run). `index`: reuse an entity index (its checkpoint and KG must
-    match) instead of encoding the KG. Per-mention results are under `"per_mention"`."""
+    match) instead of encoding the KG. `terms`: the exhaustive pass also reports the metrics of ranking by each score
+term alone (`TERM_NAMES`). Per-mention results are under `"per_mention"`."""
     loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint_model(checkpoint)
     torch.set_flush_denormal(True)
     t0 = time.perf_counter()
@@ -180,8 +210,11 @@ def evaluate(
     runs: dict[str, dict[str, Any]] = {}
     for mode in modes:
         if mode == "exhaustive":
-            r = run_exhaustive(loaded, m, e, gold, sweep_ks=sweep_ks, sweep_first_stages=sweep_first_stages)
+            r = run_exhaustive(loaded, m, e, gold, sweep_ks=sweep_ks, sweep_first_stages=sweep_first_stages,
+                               terms=terms)
             info: dict[str, Any] = {}
+            if r["term_ranks"]:
+                info["terms"] = {k: metrics_from_ranks(v) for k, v in r["term_ranks"].items()}
         elif mode == "two-stage":
             r = run_two_stage(loaded, m, e, gold, candidates=candidates, first_stage=first_stage)
             info = {"candidates": candidates, "first_stage": first_stage,
@@ -213,6 +246,9 @@ def format_eval(res: dict[str, Any]) -> str:
         mt = r["metrics"]
         lines.append(f"{mode:<12} {100 * mt['H@1']:7.2f} {100 * mt['H@3']:7.2f} {100 * mt['H@5']:7.2f} "
                      f"{100 * mt['MRR']:7.2f} {mt['MR']:8.1f} {r['seconds']:9.2f} {r['ms_per_mention']:11.1f}")
+    for name, mt in res["modes"].get("exhaustive", {}).get("terms", {}).items():
+        lines.append(f"  by {name:<8} {100 * mt['H@1']:7.2f} {100 * mt['H@3']:7.2f} {100 * mt['H@5']:7.2f} "
+                     f"{100 * mt['MRR']:7.2f} {mt['MR']:8.1f}   ({TERM_NAMES[name]})")
     if "two-stage" in res["modes"]:
         r = res["modes"]["two-stage"]
         lines.append(f"two-stage: K = {r['candidates']} candidates by the {r['first_stage']!r} first stage "
