@@ -11,8 +11,8 @@ from otmel.config import ModelConfig
 from otmel.metrics import gold_ranks
 from otmel.model import OTMEL
 from otmel.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from otmel.train.config import RunConfig, load_config
-from otmel.train.engine import load_ds_config
+from otmel.train.config import RunConfig, TrainConfig, load_config
+from otmel.train.engine import TOWER_PREFIXES, Engine, load_ds_config
 from otmel.train.evaluate import encode_kg, encode_split, gold_ranks_distributed
 from otmel.train.launch import format_table
 from tests.model_helpers import entity_batch, random_batch, tiny_cfg
@@ -178,3 +178,31 @@ def test_remote_storage_keeps_results_local(tmp_path: Path, monkeypatch: pytest.
     assert local_run_dir(cfg, "r1") == tmp_path / "runs" / "r1"  # not a folder literally named "s3:"
     cfg = load_config(ROOT / "configs/synth.yaml", [f"run.storage={tmp_path}/st"])
     assert local_run_dir(cfg, "r1") == tmp_path / "st" / "r1"
+
+
+def test_head_lr_gives_the_heads_their_own_group_and_the_schedule_keeps_the_ratio() -> None:
+    torch.manual_seed(0)
+    model = OTMEL(tiny_cfg())
+    train = TrainConfig(lr=1e-4, head_lr=2e-3, strategy="ddp", warmup_steps=2,
+                        deepspeed_config=str(ROOT / "configs/deepspeed/zero1.json"))
+    eng = Engine(model, train, total_steps=10, world_size=1, use_gpu=False)
+    towers, heads = eng.optimizer.param_groups
+    named = dict(model.named_parameters())
+    tower_ids = {id(p) for n, p in named.items() if n.startswith(TOWER_PREFIXES)}
+    assert tower_ids and {id(p) for p in towers["params"]} == tower_ids
+    assert len(towers["params"]) + len(heads["params"]) == len(named)
+    assert id(named["logit_scale"]) in {id(p) for p in heads["params"]}
+    before = {n: p.detach().clone() for n, p in named.items()}
+    for _ in range(4):
+        eng.step(sum((p.float() ** 2).sum() for p in model.parameters()))
+    assert heads["lr"] / towers["lr"] == pytest.approx(20.0) and towers["lr"] != pytest.approx(1e-4)
+    # AdamW's first steps move every parameter by ~lr: the heads ~20x further than the towers
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in named.items()}
+    tower_moves = torch.tensor([v for n, v in moved.items() if n.startswith(TOWER_PREFIXES)])
+    head_moves = torch.tensor([v for n, v in moved.items() if not n.startswith(TOWER_PREFIXES)])
+    assert 5 * tower_moves.median() < head_moves.median()
+    single = Engine(OTMEL(tiny_cfg()), TrainConfig(lr=1e-4, strategy="ddp", deepspeed_config=train.deepspeed_config),
+                    total_steps=10, world_size=1, use_gpu=False)
+    assert len(single.optimizer.param_groups) == 1
+    with pytest.raises(ValueError, match="head_lr"):
+        TrainConfig(head_lr=0.0)

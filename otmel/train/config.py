@@ -36,6 +36,10 @@ class TrainConfig:
     epochs: int = 5
     batch_size: int = 32  # per worker: the global negative pool is batch_size * num_workers
     lr: float = 1e-3
+    # LR of the layers trained from scratch (projections, fusion, matchers, logit scale) when the towers are
+    # pretrained: fine-tuning LRs (~5e-5) leave freshly initialised heads under-trained in a short run.
+    # None: everything at `lr`. The schedule scales both groups alike.
+    head_lr: float | None = None
     weight_decay: float = 0.01
     warmup_steps: int = 20
     seed: int = 0
@@ -62,6 +66,8 @@ class TrainConfig:
     mine_first_stage: Literal["summary", "cls", "fusion"] = "summary"  # the cheap score that mines
 
     def __post_init__(self) -> None:
+        if self.lr <= 0 or (self.head_lr is not None and self.head_lr <= 0):
+            raise ValueError(f"config keys 'train.lr' and 'train.head_lr' must be > 0, got {self.lr}, {self.head_lr}")
         if self.hard_negatives != "none":
             if self.hard_per_mention < 1 or self.hard_pool < self.hard_per_mention:
                 raise ValueError("config keys 'train.hard_per_mention' >= 1 and 'train.hard_pool' >= it are "

@@ -39,6 +39,20 @@ def load_ds_config(train: TrainConfig, total_steps: int, use_gpu: bool) -> dict[
     return ds
 
 
+TOWER_PREFIXES = ("encoder.text_model.", "encoder.vision_model.")  # the (pre)trained backbones in OTMEL
+
+
+def param_groups(model: nn.Module, lr: float, head_lr: float | None) -> list[dict[str, Any]]:
+    """AdamW parameter groups: one at `lr`, or with `head_lr` the towers (`TOWER_PREFIXES`) at `lr` and every
+    other trainable parameter at `head_lr` (group 0 = towers)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if head_lr is None:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    towers = [p for n, p in named if n.startswith(TOWER_PREFIXES)]
+    heads = [p for n, p in named if not n.startswith(TOWER_PREFIXES)]
+    return [g for g in ({"params": towers, "lr": lr}, {"params": heads, "lr": head_lr}) if g["params"]]
+
+
 class Engine:
     """model + optimizer + LR schedule; `forward`, `step(loss)`, and state for checkpoints."""
 
@@ -46,7 +60,8 @@ class Engine:
         self.strategy = train.strategy
         self.ds_config = load_ds_config(train, total_steps, use_gpu)
         self.module = model
-        optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        optimizer = torch.optim.AdamW(param_groups(model, train.lr, train.head_lr), lr=train.lr,
+                                      weight_decay=train.weight_decay)
         sched_params = self.ds_config["scheduler"]["params"]
         if self.strategy == "deepspeed":
             import deepspeed
