@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from otmel.cli.common import fail
+
 
 def _cmd_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="write the synthetic multimodal benchmark (cleaned MEL layout)")
@@ -56,12 +58,8 @@ def _cmd_pack(sub: argparse._SubParsersAction) -> None:
             manifest = pack(args.src, args.fmt, args.out, shard_size=args.shard_size, skip_bad=args.skip_bad,
                             split_seed=args.split_seed, split_ratios=ratios, num_workers=workers,
                             progress=not args.no_progress)
-        except BadRecordsError as exc:
-            print(f"otmel pack: {exc}", file=sys.stderr)
-            return 2
-        except (FileNotFoundError, ValueError) as exc:
-            print(f"otmel pack: {exc}", file=sys.stderr)
-            return 2
+        except (BadRecordsError, FileNotFoundError, ValueError) as exc:
+            return fail("pack", exc)
         nshards = sum(len(s) for s in manifest["shards"].values())
         print(f"packed {manifest['counts']} into {nshards} shards in {args.out}; "
               f"masked images {manifest['masked_images']}; skipped {manifest['skipped']}")

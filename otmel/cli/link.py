@@ -5,18 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from otmel.cli.common import fail
+
 
 def _link_errors() -> tuple[type[BaseException], ...]:
     from otmel.data.manifest import ManifestError
     from otmel.link import CheckpointError, EntityIndexError, LinkInputError
 
     return CheckpointError, EntityIndexError, LinkInputError, ManifestError, KeyError
-
-
-def _fail(cmd: str, exc: BaseException) -> int:
-    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-    print(f"otmel {cmd}: {msg}", file=sys.stderr)
-    return 2
 
 
 def _cmd_index(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +37,7 @@ def _cmd_index(sub: argparse._SubParsersAction) -> None:
             index = build_index(args.checkpoint, args.kg, args.out, workers=args.workers, batch_size=args.batch_size,
                                 progress=not args.no_progress)
         except _link_errors() as exc:
-            return _fail("index", exc)
+            return fail("index", exc)
         print(f"indexed {len(index)} entities ({index.meta['counts']['with_image']} with an image) of {args.kg} "
               f"in {index.meta['build']['seconds']:.1f} s -> {args.out} (checkpoint sha256 "
               f"{index.checkpoint_sha256[:16]}...)")
@@ -81,7 +77,7 @@ def _cmd_link(sub: argparse._SubParsersAction) -> None:
                 hits = linker.link(args.text, args.mention, args.image, k=args.k)
             t2 = time.perf_counter()
         except _link_errors() as exc:
-            return _fail("link", exc)
+            return fail("link", exc)
         for w in caught:
             print(f"otmel link: warning: {w.message}", file=sys.stderr)
         if args.json:
@@ -126,7 +122,7 @@ def _cmd_eval(sub: argparse._SubParsersAction) -> None:
                            first_stage=args.first_stage, index=args.index, limit=args.limit, seed=args.seed,
                            workers=args.workers, terms=args.terms, progress=True)
         except (*_link_errors(), ValueError) as exc:
-            return _fail("eval", exc)
+            return fail("eval", exc)
         print(format_eval(res))
         if args.json:
             with open(args.json, "w") as f:
@@ -154,7 +150,7 @@ def _cmd_explain(sub: argparse._SubParsersAction) -> None:
             linker = Linker.from_checkpoint(args.checkpoint, args.index)
             path, ex = explain(linker, args.text, args.mention, args.image, entity=args.entity, out=args.out)
         except (*_link_errors(), ValueError) as exc:
-            return _fail("explain", exc)
+            return fail("explain", exc)
         print(f"{path}: {args.mention!r} -> {ex.entity.qid} {ex.entity.name} (S_O {ex.entity.S_O:.4f}, "
               f"rank {ex.entity.rank})")
         return 0
@@ -186,7 +182,7 @@ def _cmd_report(sub: argparse._SubParsersAction) -> None:
             path = report(args.runs, args.out, split=args.split, limit=args.limit, timing_split=args.timing_split,
                           timing_limit=args.timing_limit, variants=args.variants.split(","), repeats=args.repeats)
         except (*_link_errors(), ValueError) as exc:
-            return _fail("report", exc)
+            return fail("report", exc)
         print(path.read_text())
         print(f"written to {path.parent}")
         return 0

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from otmel.cli.common import fail
 
 
 def _cmd_train(sub: argparse._SubParsersAction) -> None:
@@ -65,8 +66,7 @@ def _cmd_tune(sub: argparse._SubParsersAction) -> None:
         from otmel.train.tune import run_sweep
 
         if args.resume and not args.name:
-            print("otmel tune: --resume needs --name", file=sys.stderr)
-            return 2
+            return fail("tune", "--resume needs --name")
         run_sweep(args.config, args.search, args.overrides, name=args.name, resume=args.resume)
         return 0
 
@@ -92,8 +92,7 @@ def _cmd_ablate(sub: argparse._SubParsersAction) -> None:
         from otmel.train.ablate import run_ablation
 
         if args.resume and not args.name:
-            print("otmel ablate: --resume needs --name", file=sys.stderr)
-            return 2
+            return fail("ablate", "--resume needs --name")
         run_ablation(args.config, args.overrides, variants=_csv_list(args.variants) if args.variants else None,
                      seeds=[int(s) for s in _csv_list(args.seeds)], name=args.name, resume=args.resume,
                      concurrent=args.concurrent)
@@ -116,8 +115,7 @@ def _cmd_plot(sub: argparse._SubParsersAction) -> None:
         try:
             out = plot_sweep(resolve_sweep(args.run), args.out, x_key=args.x)
         except (FileNotFoundError, KeyError, ValueError) as exc:
-            print(f"otmel plot: {exc}", file=sys.stderr)
-            return 2
+            return fail("plot", exc)
         print(f"wrote {out}")
         return 0
 

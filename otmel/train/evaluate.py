@@ -36,17 +36,20 @@ def encode_kg(model: OTMEL, batches: Iterable[dict[str, torch.Tensor]]) -> Entit
     return EntityFeatures.cat(parts) if parts else None
 
 
-def empty_mention_batch(max_len: int, image_size: int) -> dict[str, torch.Tensor]:
-    """A one-row placeholder mention batch (HF attention cannot run on zero rows): a rank whose share of a
-    small split is empty encodes it and keeps zero rows, so it still joins the gathers with the right shapes."""
-    return {
-        "m_input_ids": torch.ones(1, max_len, dtype=torch.long),
-        "m_attention_mask": torch.ones(1, max_len, dtype=torch.long),
-        "m_pixel_values": torch.zeros(1, 3, image_size, image_size),
-        "m_image_mask": torch.zeros(1, dtype=torch.bool),
+def empty_batch(side: str, max_len: int, image_size: int) -> dict[str, torch.Tensor]:
+    """A one-row placeholder batch of mentions (`side="m"`) or entities (`"e"`) (HF attention cannot run on
+    zero rows): a rank whose share of a small split or KG is empty encodes it and keeps zero rows, so it still
+    joins the gathers with the right shapes."""
+    batch = {
+        f"{side}_input_ids": torch.ones(1, max_len, dtype=torch.long),
+        f"{side}_attention_mask": torch.ones(1, max_len, dtype=torch.long),
+        f"{side}_pixel_values": torch.zeros(1, 3, image_size, image_size),
+        f"{side}_image_mask": torch.zeros(1, dtype=torch.bool),
         "e_index": torch.zeros(1, dtype=torch.long),
-        "m_index": torch.zeros(1, dtype=torch.long),
     }
+    if side == "m":
+        batch["m_index"] = torch.zeros(1, dtype=torch.long)
+    return batch
 
 
 @torch.no_grad()
@@ -60,7 +63,7 @@ def encode_split(
         gold.append(b["e_index"].long())
         index.append(b["m_index"].long())
     if not feats:
-        b = empty_mention_batch(model.cfg.max_len, image_size)
+        b = empty_batch("m", model.cfg.max_len, image_size)
         feats, gold, index = [model.encode_mentions(b).select(slice(0, 0))], [b["e_index"][:0]], [b["m_index"][:0]]
     m = MentionFeatures.cat(feats)
     g, i = torch.cat(gold), torch.cat(index)

@@ -27,18 +27,7 @@ from otmel.model import OTMEL, EntityFeatures
 from otmel.model.encoder import image_size_of
 from otmel.train.config import RunConfig
 from otmel.train.distributed import all_gather_uneven
-
-
-def empty_entity_batch(max_len: int, image_size: int) -> dict[str, torch.Tensor]:
-    """A one-row placeholder entity batch, encoded and then dropped by a rank whose KG share is empty (it
-    still joins the gathers with the right shapes)."""
-    return {
-        "e_input_ids": torch.ones(1, max_len, dtype=torch.long),
-        "e_attention_mask": torch.ones(1, max_len, dtype=torch.long),
-        "e_pixel_values": torch.zeros(1, 3, image_size, image_size),
-        "e_image_mask": torch.zeros(1, dtype=torch.bool),
-        "e_index": torch.zeros(1, dtype=torch.long),
-    }
+from otmel.train.evaluate import empty_batch
 
 
 def _compact(e: EntityFeatures) -> EntityFeatures:
@@ -51,7 +40,7 @@ def compact_kg(model: OTMEL, kg_batches: Iterable[dict[str, torch.Tensor]], worl
                image_size: int) -> EntityFeatures:
     parts = [_compact(model.encode_entities(b)) for b in kg_batches]
     if not parts:
-        parts = [_compact(model.encode_entities(empty_entity_batch(model.cfg.max_len, image_size))).select(slice(0, 0))]
+        parts = [_compact(model.encode_entities(empty_batch("e", model.cfg.max_len, image_size))).select(slice(0, 0))]
     return all_gather_uneven(EntityFeatures.cat(parts), world_size)
 
 
@@ -156,4 +145,4 @@ class HardNegativeSchedule:
             self.mined, self.mined_epoch = extra["mined"].long(), int(extra["mined_epoch"][0])
 
 
-__all__ = ["HardNegativeSchedule", "combine_tables", "compact_kg", "empty_entity_batch", "mine_hard_negatives"]
+__all__ = ["HardNegativeSchedule", "combine_tables", "compact_kg", "mine_hard_negatives"]
