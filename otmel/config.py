@@ -43,7 +43,17 @@ class ModelConfig:
     hidden_dim: int = 96  # width of the query/key projections Wq, Wk (the paper's hidden width 96)
     fusion_ca: CAKind = "ot"  # CA inside multimodal fusion (F1: "att")
     match_ca: CAKind = "ot"  # CA inside unimodal matching (M1: "att")
-    reg: float = 0.05  # entropic regularisation, POT convention K = exp(-C / reg) (release: 0.05)
+    # Entropic regularisation, POT convention K = exp(-C / reg) (release: 0.05; the paper's text K = exp(-0.6 C)
+    # is reg ~ 1.67). "learned": every OT module learns its own reg (see `otmel.model.assign.LearnedReg`).
+    reg: float | Literal["learned"] = 0.05
+    reg_init: float = 0.05  # start value of a learned reg
+    # Bounds of a learned reg. Below ~1/30 the factored inference path and the kernel path give way to the log
+    # domain (still finite, slower); above ~10 every cosine-cost plan is uniform to float32 precision.
+    reg_min: float = 0.01
+    reg_max: float = 10.0
+    # Adam moves a parameter by ~lr per step whatever its gradient's size; the raw parameter of a learned reg is
+    # multiplied by this gain so that log(reg) can cross its range within a short run (lr 2e-3, ~200 steps).
+    reg_gain: float = 10.0
     n_iters: int = 3  # Sinkhorn iterations (release: 3); the maximum when stop_thr is set
     stop_thr: float | None = None  # optional marginal-error tolerance for early stopping
     # The release detaches the cost of the pairwise matcher (saves backward memory); off by default so
@@ -82,7 +92,9 @@ class ModelConfig:
             "pooling": self.pooling in ("softpool", "mean", "max"),
             "kd": self.kd in ("none", "kl", "mse", "kl_row"),
             "kd_target": self.kd_target in ("plan", "softmax"),
-            "reg": self.reg > 0,
+            "reg": self.reg == "learned" or (isinstance(self.reg, int | float) and 0 < self.reg < float("inf")),
+            "reg_min": 0 < self.reg_min <= self.reg_init <= self.reg_max < float("inf") and self.reg_min < self.reg_max,
+            "reg_gain": self.reg_gain > 0,
             "n_iters": self.n_iters >= 1,
             "match_chunk": self.match_chunk >= 1,
         }
@@ -128,9 +140,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "M1": {"match_ca": "att"},
     "M2": {"use_matching": False},
     "A1": {"fusion_ca": "att", "match_ca": "att"},
-    "K3": {"fusion_ca": "att", "match_ca": "att"},
     "O1": {"pooling": "mean"},
     "O2": {"pooling": "max"},
+    "LREG": {"reg": "learned"},  # not in the paper: OT with a learned regulariser per module
     "KD": {"kd": "kl"},
     "K1": {"kd": "mse"},
     "K2": {"kd": "kl_row"},

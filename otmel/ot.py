@@ -18,6 +18,7 @@ __all__ = [
     "cosine_cost",
     "pairwise_dot",
     "plan_to_assignment",
+    "reg_number",
     "sinkhorn",
 ]
 
@@ -35,6 +36,11 @@ _KERNEL_MAX_RANGE = {torch.float32: 30.0, torch.float64: 300.0}
 _KERNEL_MAX_LOG = {torch.float32: 60.0, torch.float64: 600.0}
 
 
+def reg_number(reg: float | Tensor) -> float:
+    """A regulariser as a Python number (a tensor one is detached first: reading it never touches autograd)."""
+    return float(reg.detach()) if isinstance(reg, Tensor) else float(reg)
+
+
 class SinkhornNotConvergedWarning(UserWarning):
     """``sinkhorn`` hit ``n_iters`` before the marginal error fell below ``stop_thr``."""
 
@@ -44,7 +50,7 @@ def sinkhorn(
     mask_x: Tensor | None = None,
     mask_y: Tensor | None = None,
     *,
-    reg: float = 0.05,
+    reg: float | Tensor = 0.05,
     n_iters: int = 3,
     stop_thr: float | None = None,
     warn: bool = True,
@@ -120,7 +126,8 @@ def sinkhorn(
         cost: (..., n, m) floating cost matrices (float16/bfloat16 are computed in float32).
         mask_x: optional (..., n) bool (or 0/1), True for valid rows.
         mask_y: optional (..., m) bool (or 0/1), True for valid columns.
-        reg: entropic regularisation, > 0 (POT's ``reg``: ``K = exp(-C / reg)``).
+        reg: entropic regularisation, > 0 (POT's ``reg``: ``K = exp(-C / reg)``); a number, or a 0-dim tensor
+            (a learned regulariser: the plan is then differentiable in ``reg`` too).
         n_iters: number of iterations (one column and one row update each), >= 1; the maximum when
             ``stop_thr`` is given. The method's default is a fixed budget of 3.
         stop_thr: optional tolerance on the column-marginal error
@@ -146,7 +153,7 @@ def sinkhorn(
     """
     if cost.dim() < 2 or not cost.is_floating_point():
         raise ValueError(f"cost must be a floating tensor of shape (..., n, m), got {cost.dtype} {tuple(cost.shape)}")
-    if not (math.isfinite(reg) and reg > 0):
+    if not (math.isfinite(reg_number(reg)) and reg_number(reg) > 0):
         raise ValueError(f"reg must be a finite positive number, got {reg}")
     if n_iters < 1:
         raise ValueError(f"n_iters must be >= 1, got {n_iters}")
@@ -267,7 +274,7 @@ def _marginal_error(col_sums: Tensor, b: Tensor | float) -> float:
 
 
 def _sinkhorn_log(
-    cost: Tensor, marg: _Marginals, reg: float, n_iters: int, stop_thr: float | None
+    cost: Tensor, marg: _Marginals, reg: float | Tensor, n_iters: int, stop_thr: float | None
 ) -> tuple[Tensor, dict[str, Any]]:
     """Alternating log-softmax normalisations of the log plan (see ``sinkhorn``)."""
     bias_x, bias_y = marg.bias_x, marg.bias_y
@@ -300,7 +307,7 @@ def _sinkhorn_log(
     return plan, {"n_iters": it, "err": err, "method": "log"}
 
 
-def _kernel_range_ok(shift: Tensor, cost: Tensor, reg: float) -> bool:
+def _kernel_range_ok(shift: Tensor, cost: Tensor, reg: float | Tensor) -> bool:
     """Whether (max C - min C) / reg is small enough in every plan for the kernel path.
 
     ``shift`` is the per-plan minimum. (Separate amin / amax: ``torch.aminmax`` over dims is ~30x
@@ -308,7 +315,7 @@ def _kernel_range_ok(shift: Tensor, cost: Tensor, reg: float) -> bool:
     """
     hi = cost.detach().amax(dim=(-2, -1), keepdim=True)
     spread = hi - shift
-    return bool((torch.isfinite(spread) & (spread <= _KERNEL_MAX_RANGE[cost.dtype] * reg)).all())
+    return bool((torch.isfinite(spread) & (spread <= _KERNEL_MAX_RANGE[cost.dtype] * reg_number(reg))).all())
 
 
 def _scaling_ok(s: Tensor, weight: Tensor | float, max_log: float) -> Tensor:
@@ -322,7 +329,7 @@ def _sinkhorn_kernel(
     cost: Tensor,
     shift: Tensor,
     marg: _Marginals,
-    reg: float,
+    reg: float | Tensor,
     n_iters: int,
     stop_thr: float | None,
     check: bool,
@@ -331,8 +338,11 @@ def _sinkhorn_kernel(
 
     Returns ``(None, {})`` if ``check`` and a scaling left the safe range.
     """
-    # exp((shift - C) / reg) in one fused pass (sub with alpha) and an in-place exp
-    kern = torch.sub(shift * (1.0 / reg), cost, alpha=1.0 / reg).exp_()
+    # exp((shift - C) / reg) in one fused pass (sub with alpha; a tensor reg cannot be an alpha) and an in-place exp
+    if isinstance(reg, Tensor):
+        kern = ((shift - cost) / reg).exp()
+    else:
+        kern = torch.sub(shift * (1.0 / reg), cost, alpha=1.0 / reg).exp_()
     a, b, u0 = marg.a, marg.b, marg.u0
     zero_a, zero_b = marg.zero_a, marg.zero_b
     # column sums of diag(u) K for u = u0 (1 on valid rows): a mat-vec, or a plain sum if unmasked

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from otmel.ot import _KERNEL_MAX_RANGE, _Marginals, pairwise_dot
+from otmel.ot import _KERNEL_MAX_RANGE, _Marginals, pairwise_dot, reg_number
 
 __all__ = ["ScaledKernel", "cosine_ot_assignment", "factored_ok"]
 
@@ -71,7 +71,7 @@ def factored_ok(reg: float, dtype: torch.dtype = torch.float32) -> bool:
 
 
 def cosine_ot_assignment(
-    x: Tensor, y: Tensor, mask_x: Tensor | None, mask_y: Tensor | None, *, reg: float, n_iters: int
+    x: Tensor, y: Tensor, mask_x: Tensor | None, mask_y: Tensor | None, *, reg: float | Tensor, n_iters: int
 ) -> ScaledKernel:
     """A = n_valid * Sinkhorn(C) for C = (1 - cos(x_i, y_j)) / 2, factored (see the module docstring).
 
@@ -84,14 +84,16 @@ def cosine_ot_assignment(
     Returns:
         :class:`ScaledKernel` with ``dense()`` (..., n, m) equal to ``plan_to_assignment(sinkhorn(C, ...))``.
     """
-    if not factored_ok(reg, x.dtype):
+    if not factored_ok(reg_number(reg), x.dtype):
         raise ValueError(f"reg={reg} is below the factored path's safe range for {x.dtype} (see factored_ok)")
     if n_iters < 1:
         raise ValueError(f"n_iters must be >= 1, got {n_iters}")
     half = 0.5 / reg
     xn = F.normalize(x, dim=-1, eps=1e-8) * half  # cos / (2 reg) straight out of the product
     yn = F.normalize(y, dim=-1, eps=1e-8)
-    K = pairwise_dot(xn, yn).sub_(half).exp_()  # (..., n, m) = exp(-C / reg), unclamped
+    cos_half = pairwise_dot(xn, yn)  # (..., n, m) = cos / (2 reg)
+    # exp(-C / reg), unclamped; in place unless a tensor reg needs autograd through it
+    K = (cos_half - half).exp() if isinstance(reg, Tensor) else cos_half.sub_(half).exp_()
     n, m = K.shape[-2:]
     marg = _Marginals(mask_x, mask_y, n, m, K)
     a, b, u0 = marg.a, marg.b, marg.u0

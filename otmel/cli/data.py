@@ -15,6 +15,10 @@ def _cmd_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", type=float, default=1.0, help="1.0 = ~2,000 entities / 3,000 mentions")
     p.add_argument("--image-size", type=int, default=64, help="picture side in pixels")
     p.add_argument("--workers", type=int, default=None, help="drawing processes (default: all CPUs)")
+    p.add_argument("--mode", choices=["standard", "sets"], default="standard",
+                   help="standard: names + distinguishing objects; sets: each entity is singled out only by the "
+                   "set of its objects (name groups of 4 sharing a salient object and all but one other; "
+                   "otmel/data/synth_sets.py)")
 
     def run(args: argparse.Namespace) -> int:
         import json
@@ -22,7 +26,7 @@ def _cmd_synth(sub: argparse._SubParsersAction) -> None:
         from otmel.data.synth import generate
 
         stats = generate(args.out, seed=args.seed, scale=args.scale, image_size=args.image_size,
-                         workers=args.workers)
+                         workers=args.workers, mode=args.mode)
         print(json.dumps(stats, indent=1))
         return 0
 

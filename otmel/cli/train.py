@@ -101,6 +101,50 @@ def _cmd_ablate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _seed_list(text: str) -> list[int]:
+    """ "0-4" or "0,1,2" -> [0, 1, 2, ...]."""
+    out: list[int] = []
+    for part in _csv_list(text):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    return out
+
+
+def _cmd_study(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "study",
+        help="models x seeds, paired by seed: mean ± 95%% CI and paired tests; resumable, tables as it goes",
+        description="Train every model (Table-2 variant id, CLS, LREG) with every seed, one trial after another "
+        "on one Ray, and rewrite RUN.storage/studies/NAME/summary.md after every trial (mean ± 95%% CI, paired "
+        "differences with their CI and tests). Re-run the same command to resume.",
+    )
+    p.add_argument("--config", default=None, help="YAML run config (default: configs/synth.yaml)")
+    p.add_argument("--name", required=True, help="study name (its folder; re-use it to resume)")
+    p.add_argument("--variants", required=True, help="comma-separated model ids, e.g. OT,A1,KD,CLS")
+    p.add_argument("--seeds", default="0-4", help="train.seed values: 0-4 or 0,1,2 (default 0-4)")
+    p.add_argument("--pairs", default=None,
+                   help="paired comparisons a-b, comma-separated, e.g. OT-A1,OT-CLS (default: each vs the first)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides for every trial")
+
+    def run(args: argparse.Namespace) -> int:
+        from otmel.train.study import run_study
+
+        try:
+            seeds = _seed_list(args.seeds)
+            pairs = None
+            if args.pairs:
+                pairs = [tuple(x.upper().split("-", 1)) for x in _csv_list(args.pairs)]
+                if any(len(pr) != 2 for pr in pairs):
+                    raise ValueError(f"--pairs {args.pairs!r}: each pair is A-B")
+        except ValueError as exc:
+            return fail("study", exc)
+        run_study(args.config, args.overrides, name=args.name, variants=_csv_list(args.variants), seeds=seeds,
+                  pairs=pairs)  # type: ignore[arg-type]
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def _cmd_plot(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="figures from finished experiments (e.g. `otmel plot sweep RUN`)")
     kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
@@ -122,4 +166,4 @@ def _cmd_plot(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=run)
 
 
-COMMANDS = [_cmd_train, _cmd_baseline, _cmd_tune, _cmd_ablate, _cmd_plot]
+COMMANDS = [_cmd_train, _cmd_baseline, _cmd_tune, _cmd_ablate, _cmd_study, _cmd_plot]

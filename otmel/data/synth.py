@@ -102,6 +102,7 @@ class SynthMention:
     objects: tuple[Obj, ...]  # what its picture shows (gold objects, maybe a distractor), in drawing order
     named: tuple[Obj, ...]  # the objects its sentence names
     image: str  # "ok", "missing" (no file) or "bad" (a file that is not an image)
+    salient: Obj | None = None  # drawn larger in the picture (the "sets" mode, `otmel.data.synth_sets`)
 
 
 @dataclass
@@ -275,12 +276,31 @@ def build_plan(seed: int = 0, scale: float = 1.0) -> SynthPlan:
             image = "bad" if rng.random() < 0.25 else "missing"
         mentions.append(SynthMention(mid, "", surface, sentence, answer, shown, named, image))
 
-    order = rng.sample(range(n_men), n_men)  # random 70/10/20 split
-    n_train, n_dev = round(SPLITS[0][1] * n_men), round(SPLITS[1][1] * n_men)
-    split_of = {i: "train" if k < n_train else "dev" if k < n_train + n_dev else "test"
-                for k, i in enumerate(order)}
-    mentions = [replace(m, split=split_of[i]) for i, m in enumerate(mentions)]
-    return SynthPlan(seed, entities, mentions)
+    return SynthPlan(seed, entities, split_mentions(rng, mentions, SPLITS))
+
+
+def split_mentions(rng: random.Random, mentions: list[SynthMention], splits: tuple[tuple[str, float], ...]
+                   ) -> list[SynthMention]:
+    """A random split by the fractions of `splits` (train, dev, rest: test)."""
+    n = len(mentions)
+    order = rng.sample(range(n), n)
+    n_train, n_dev = round(splits[0][1] * n), round(splits[1][1] * n)
+    split_of = {i: "train" if k < n_train else "dev" if k < n_train + n_dev else "test" for k, i in enumerate(order)}
+    return [replace(m, split=split_of[i]) for i, m in enumerate(mentions)]
+
+
+MODES = ("standard", "sets")
+
+
+def plan_for(mode: str, seed: int, scale: float) -> SynthPlan:
+    """The plan of a benchmark mode: "standard" (this module) or "sets" (`otmel.data.synth_sets`)."""
+    if mode == "standard":
+        return build_plan(seed, scale)
+    if mode == "sets":
+        from otmel.data.synth_sets import build_sets_plan
+
+        return build_sets_plan(seed, scale)
+    raise ValueError(f"unknown synth mode {mode!r}; known: {list(MODES)}")
 
 
 def _norm(text: str) -> str:
@@ -348,8 +368,9 @@ def _clean_stale(folder: Path, pattern: re.Pattern[str], keep: set[str]) -> int:
 
 
 def generate(out: Path | str, *, seed: int = 0, scale: float = 1.0, image_size: int = 64,
-             workers: int | None = None) -> dict:
-    """Write the synthetic benchmark into `out` (see the module docstring); return its stats.
+             workers: int | None = None, mode: str = "standard") -> dict:
+    """Write the synthetic benchmark into `out` (see the module docstring; `mode` "sets": the set-matching
+    benchmark of `otmel.data.synth_sets`); return its stats.
 
     `workers` processes draw the pictures (default: the CPUs this process may use; 1 = in this process).
     Pictures are written first, then the JSON files, then `synth_stats.json`, which is removed at the start:
@@ -362,15 +383,16 @@ def generate(out: Path | str, *, seed: int = 0, scale: float = 1.0, image_size: 
     kb_dir, men_dir = out / "kb_image", out / "mention_image"
     kb_dir.mkdir(parents=True, exist_ok=True)
     men_dir.mkdir(parents=True, exist_ok=True)
-    plan = build_plan(seed, scale)
+    plan = plan_for(mode, seed, scale)
     t_plan = time.perf_counter() - t0
 
     (out / "synth_stats.json").unlink(missing_ok=True)  # written last: its presence marks a finished run
 
     t1 = time.perf_counter()
-    jobs: list[RenderJob] = [("kb", i, e.objects, str(kb_dir / f"{e.qid}.jpg"))
+    jobs: list[RenderJob] = [("kb", i, e.objects, str(kb_dir / f"{e.qid}.jpg"), -1)
                              for i, e in enumerate(plan.entities) if e.has_image]
-    jobs += [("mention", i, m.objects, str(men_dir / f"{m.id}.jpg"))
+    jobs += [("mention", i, m.objects, str(men_dir / f"{m.id}.jpg"),
+              m.objects.index(m.salient) if m.salient in m.objects else -1)
              for i, m in enumerate(plan.mentions) if m.image == "ok"]
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -399,7 +421,8 @@ def generate(out: Path | str, *, seed: int = 0, scale: float = 1.0, image_size: 
         rows = [{"id": m.id, "sentence": m.sentence, "mentions": m.mention, "imgPath": f"{m.id}.jpg",
                  "answer": m.answer} for m in plan.mentions if m.split == split]
         write_atomic(out / f"synth_{split}.json", _json_bytes(rows))
-    stats = {**plan_stats(plan), "scale": scale, "image_size": image_size, "n_images_written": len(jobs)}
+    stats = {**plan_stats(plan), "mode": mode, "scale": scale, "image_size": image_size,
+             "n_images_written": len(jobs)}
     write_atomic(out / "synth_stats.json", _json_bytes(stats))
     return {**stats, "seconds_plan": round(t_plan, 2), "seconds_images": round(t_img, 2),
             "seconds_total": round(time.perf_counter() - t0, 2)}

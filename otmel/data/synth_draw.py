@@ -116,15 +116,17 @@ def draw_entity(objects: tuple[Obj, ...], size: int = 64) -> Image.Image:
     return _finish(canvas, size)
 
 
-def _place(n: int, big: int, rng: np.random.Generator) -> list[tuple[float, float, float]]:
-    """n non-overlapping discs (cx, cy, r) inside a big x big canvas; shrinks the radii until they fit."""
+def _place(n: int, big: int, rng: np.random.Generator, scales: list[float] | None = None
+           ) -> list[tuple[float, float, float]]:
+    """n non-overlapping discs (cx, cy, r) inside a big x big canvas, disc k `scales[k]` times the usual radius;
+    shrinks the radii until they fit."""
     scale = 1.0
     while True:
         placed: list[tuple[float, float, float]] = []
         for _ in range(200):
             if len(placed) == n:
                 break
-            r = big * scale * float(rng.uniform(0.13, 0.2))
+            r = big * scale * float(rng.uniform(0.13, 0.2)) * (scales[len(placed)] if scales else 1.0)
             cx, cy = (float(v) for v in rng.uniform(r + 1, big - r - 1, size=2))
             if all(math.hypot(cx - x, cy - y) >= (r + rr) * 1.02 for x, y, rr in placed):
                 placed.append((cx, cy, r))
@@ -134,20 +136,22 @@ def _place(n: int, big: int, rng: np.random.Generator) -> list[tuple[float, floa
 
 
 def draw_mention(objects: tuple[Obj, ...], size: int, rng: np.random.Generator,
-                 noise: float = 6.0) -> Image.Image:
+                 noise: float = 6.0, big: int = -1, big_scale: float = 1.5) -> Image.Image:
     """A jittered "photo" of `objects` (all of them, each once, nothing else): pale random background with a
-    gradient, random non-overlapping positions, sizes and +-20 degree rotations, Gaussian noise."""
-    big = size * _SS
+    gradient, random non-overlapping positions, sizes and +-20 degree rotations, Gaussian noise. The object at
+    index `big` (if >= 0) is drawn `big_scale` times larger than the others."""
+    side = size * _SS
     base = rng.uniform(205, 250, size=3)
     tilt = rng.uniform(-25, 25, size=3)
-    ramp = np.linspace(-0.5, 0.5, big, dtype=np.float32)
+    ramp = np.linspace(-0.5, 0.5, side, dtype=np.float32)
     direction = rng.integers(0, 2)
     grad = ramp[:, None] if direction == 0 else ramp[None, :]
     bg = base[None, None, :] + grad[..., None] * tilt[None, None, :]
-    bg = np.broadcast_to(bg, (big, big, 3)).clip(0, 255).astype(np.uint8)
+    bg = np.broadcast_to(bg, (side, side, 3)).clip(0, 255).astype(np.uint8)
     canvas = Image.fromarray(bg, "RGB")
     draw = ImageDraw.Draw(canvas)
-    for obj, (cx, cy, r) in zip(objects, _place(len(objects), big, rng), strict=True):
+    scales = [big_scale if k == big else 1.0 for k in range(len(objects))]
+    for obj, (cx, cy, r) in zip(objects, _place(len(objects), canvas.size[0], rng, scales), strict=True):
         _draw_object(draw, obj, cx, cy, r, math.radians(float(rng.uniform(-20, 20))))
     img = _finish(canvas, size)
     if noise > 0:
@@ -181,7 +185,8 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-RenderJob = tuple[str, int, tuple[Obj, ...], str]  # (side "kb" | "mention", index, objects, output path)
+# (side "kb" | "mention", index, objects, output path, index of the object drawn larger or -1)
+RenderJob = tuple[str, int, tuple[Obj, ...], str, int]
 _SIDE = {"kb": 0, "mention": 1}
 
 
@@ -191,10 +196,10 @@ def render_jobs(args: tuple[int, int, list[RenderJob]]) -> int:
     KB pictures are canonical (no randomness); mention pictures use `default_rng([seed, side, index])`.
     """
     seed, size, jobs = args
-    for side, idx, objs, path in jobs:
+    for side, idx, objs, path, big in jobs:
         if side == "kb":
             img = draw_entity(objs, size)
         else:
-            img = draw_mention(objs, size, np.random.default_rng([seed, _SIDE[side], idx]))
+            img = draw_mention(objs, size, np.random.default_rng([seed, _SIDE[side], idx]), big=big)
         write_atomic(Path(path), encode_jpeg(img))
     return len(jobs)

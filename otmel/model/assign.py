@@ -17,18 +17,25 @@ replaces the plan at inference. `mode` selects what runs:
 
 Projections are split from the assignment so that the entity side (queries of the pairwise matcher) can
 be computed once per KG and cached.
+
+The regulariser of an OT module is a number, or learned (`LearnedReg`). Every plan an OT module computes, on the
+dense path or the factored inference path, is reported to the module's plan hooks (`register_plan_hook`): that
+is how probes (plan entropy, sharpness) see the plans without touching the computation.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from otmel.ot import cosine_cost, pairwise_dot, plan_to_assignment, sinkhorn
+from otmel.ot import cosine_cost, pairwise_dot, plan_to_assignment, reg_number, sinkhorn
 from otmel.ot_factored import ScaledKernel, cosine_ot_assignment, factored_ok
 
 Mode = Literal["teacher", "student", "both"]
@@ -41,6 +48,49 @@ class Assignment:
     student_logits: torch.Tensor | None  # (..., n, m) student attention logits ("both" only)
     mask_x: torch.Tensor  # (..., n) bool
     mask_y: torch.Tensor  # (..., m) bool
+
+
+@dataclass
+class PlanRecord:
+    """One batch of OT problems as a plan hook sees it (dense tensors; built only when a hook is registered).
+
+    plan (..., n, m): the transport plans (mass 1 per non-empty problem; 0 on padding); cost (..., n, m): the
+    cost C they solve; reg: the regulariser used; mask_x (..., n) / mask_y (..., m) broadcast against them;
+    path: "dense" (``assign``) or "factored" (``assign_factored``)."""
+
+    plan: torch.Tensor
+    cost: torch.Tensor
+    reg: float
+    mask_x: torch.Tensor
+    mask_y: torch.Tensor
+    path: str
+
+
+PlanHook = Callable[["CorrelationAssignment", PlanRecord], None]
+
+
+class LearnedReg(nn.Module):
+    """A learned entropic regulariser, log-parameterised and bounded:
+
+        log reg = log reg_min + (log reg_max - log reg_min) * sigmoid(gain * theta),
+
+    so reg stays in [reg_min, reg_max] (where Sinkhorn stays finite) for every theta, and the gradient fades at
+    the bounds instead of pushing past them. theta starts where reg = `init`. `gain` scales the step Adam takes
+    on log reg (see `ModelConfig.reg_gain`). theta has shape (1,): DeepSpeed cannot broadcast 0-dim parameters.
+    """
+
+    def __init__(self, init: float, lo: float, hi: float, gain: float) -> None:
+        super().__init__()
+        if not 0 < lo < hi or not lo <= init <= hi:
+            raise ValueError(f"learned reg needs 0 < reg_min <= reg_init <= reg_max, got {lo}, {init}, {hi}")
+        self.log_lo, self.log_hi, self.gain = math.log(lo), math.log(hi), gain
+        frac = min(max((math.log(init) - self.log_lo) / (self.log_hi - self.log_lo), 1e-6), 1 - 1e-6)
+        self.theta = nn.Parameter(torch.full((1,), math.log(frac / (1 - frac)) / gain))
+
+    def forward(self) -> torch.Tensor:
+        """reg as a 0-dim tensor (differentiable in theta)."""
+        frac = torch.sigmoid(self.theta[0] * self.gain)
+        return torch.exp(self.log_lo + (self.log_hi - self.log_lo) * frac)
 
 
 def masked_softmax(logits: torch.Tensor, mask_x: torch.Tensor, mask_y: torch.Tensor) -> torch.Tensor:
@@ -65,20 +115,47 @@ class CorrelationAssignment(nn.Module):
         hidden: int,
         kind: Literal["ot", "att"],
         *,
-        reg: float = 0.05,
+        reg: float | LearnedReg = 0.05,
         n_iters: int = 3,
         stop_thr: float | None = None,
         student: bool = False,
         detach_cost: bool = False,
     ) -> None:
         super().__init__()
-        self.kind, self.reg, self.n_iters, self.stop_thr = kind, reg, n_iters, stop_thr
+        self.kind, self.n_iters, self.stop_thr = kind, n_iters, stop_thr
+        # a LearnedReg is a submodule (its theta is trained); a number is a constant
+        self.learned_reg: LearnedReg | None = reg if isinstance(reg, LearnedReg) and kind == "ot" else None
+        self._reg = float(reg) if isinstance(reg, int | float) else 0.05
+        self._plan_hooks: OrderedDict[int, PlanHook] = OrderedDict()
         self.detach_cost = detach_cost
         self.scale = 1.0 / math.sqrt(hidden)
         self.wq, self.wk, self.wv = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(dim, dim)
         self.student = student
         if student:
             self.wq_s, self.wk_s = nn.Linear(dim, hidden), nn.Linear(dim, hidden)
+
+    # -- regulariser and plan hooks ------------------------------------------------------------------
+    @property
+    def reg(self) -> float:
+        """The regulariser's current value as a number (for reports and static checks)."""
+        return reg_number(self.learned_reg()) if self.learned_reg is not None else self._reg
+
+    def reg_value(self) -> float | torch.Tensor:
+        """The regulariser to compute with: a number, or a differentiable 0-dim tensor when learned."""
+        return self.learned_reg() if self.learned_reg is not None else self._reg
+
+    def register_plan_hook(self, hook: PlanHook) -> RemovableHandle:
+        """Call ``hook(module, PlanRecord)`` for every batch of plans this (OT) module computes, on either path.
+        Returns a handle whose ``remove()`` unregisters it. No hook: nothing extra is computed."""
+        handle = RemovableHandle(self._plan_hooks)
+        self._plan_hooks[handle.id] = hook
+        return handle
+
+    def _report(self, make: Callable[[], PlanRecord]) -> None:
+        if self._plan_hooks:
+            rec = make()
+            for hook in list(self._plan_hooks.values()):
+                hook(self, rec)
 
     # -- projections --------------------------------------------------------------------------------
     def queries(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -117,8 +194,10 @@ class CorrelationAssignment(nn.Module):
             cost = cosine_cost(qx["q"], ky["k"])  # (..., n, m) in [0, 1]
             if self.detach_cost:
                 cost = cost.detach()
-            raw = sinkhorn(cost, mask_x, mask_y, reg=self.reg, n_iters=self.n_iters, stop_thr=self.stop_thr)
+            reg = self.reg_value()
+            raw = sinkhorn(cost, mask_x, mask_y, reg=reg, n_iters=self.n_iters, stop_thr=self.stop_thr)
             A = plan_to_assignment(raw, mask_x)
+            self._report(lambda: PlanRecord(raw.detach(), cost.detach(), reg_number(reg), mask_x, mask_y, "dense"))
         student_logits = None
         if mode == "both" and self.student:
             student_logits = pairwise_dot(qx["q_s"] * self.scale, ky["k_s"])
@@ -129,9 +208,14 @@ class CorrelationAssignment(nn.Module):
     ) -> ScaledKernel | None:
         """The teacher OT assignment in factored form (inference: no plan written, see `otmel.ot_factored`);
         None where that path does not apply (attention, a convergence threshold, or reg below its safe range)."""
-        if self.kind != "ot" or self.stop_thr is not None or not factored_ok(self.reg, qx["q"].dtype):
+        if self.kind != "ot" or self.stop_thr is not None:
             return None
-        return cosine_ot_assignment(qx["q"], ky["k"], mask_x, mask_y, reg=self.reg, n_iters=self.n_iters)
+        reg = self.reg_value()
+        if not factored_ok(reg_number(reg), qx["q"].dtype):
+            return None
+        A = cosine_ot_assignment(qx["q"], ky["k"], mask_x, mask_y, reg=reg, n_iters=self.n_iters)
+        self._report(lambda: _factored_record(A, reg_number(reg), mask_x, mask_y))
+        return A
 
     def forward(
         self, x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor, mask_y: torch.Tensor, mode: Mode = "teacher"
@@ -140,3 +224,12 @@ class CorrelationAssignment(nn.Module):
         ky = self.keys(y)
         a = self.assign(self.queries(x), ky, mask_x, mask_y, mode)
         return torch.matmul(a.A, ky["h"]), a
+
+
+def _factored_record(A: ScaledKernel, reg: float, mask_x: torch.Tensor, mask_y: torch.Tensor) -> PlanRecord:
+    """The dense plan and cost behind a factored assignment: A = n_valid * Pi and K = exp(-C / reg) (unclamped),
+    so Pi = A / n_valid and C = -reg * log K."""
+    dense = A.dense().detach()  # (..., n, m)
+    n_valid = mask_x.sum(-1, keepdim=True).unsqueeze(-1).clamp_min(1).to(dense.dtype)  # (..., 1, 1)
+    cost = -reg * A.K.detach().clamp_min(torch.finfo(A.K.dtype).tiny).log()
+    return PlanRecord(dense / n_valid, cost, reg, mask_x, mask_y, "factored")

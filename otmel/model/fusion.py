@@ -14,15 +14,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from otmel.config import ModelConfig
-from otmel.model.assign import Assignment, CorrelationAssignment, Mode
+from otmel.model.assign import Assignment, CorrelationAssignment, LearnedReg, Mode
 from otmel.model.pool import Pool
 
 
 def make_ca(cfg: ModelConfig, dim: int, kind: str, *, detach_cost: bool = False) -> CorrelationAssignment:
-    """A CA module as the config says; OT modules get a student when the config distils."""
+    """A CA module as the config says; OT modules get a student when the config distils, and a regulariser
+    of their own when it is learned."""
+    reg: float | LearnedReg = (LearnedReg(cfg.reg_init, cfg.reg_min, cfg.reg_max, cfg.reg_gain)
+                               if cfg.reg == "learned" and kind == "ot" else
+                               (cfg.reg_init if cfg.reg == "learned" else cfg.reg))
     return CorrelationAssignment(
         dim, cfg.hidden_dim, kind,  # type: ignore[arg-type]
-        reg=cfg.reg, n_iters=cfg.n_iters, stop_thr=cfg.stop_thr,
+        reg=reg, n_iters=cfg.n_iters, stop_thr=cfg.stop_thr,
         student=cfg.kd != "none" and kind == "ot", detach_cost=detach_cost,
     )
 

@@ -26,6 +26,8 @@ class DataConfig:
     synth_if_missing: bool = False
     synth_seed: int = 0
     synth_scale: float = 1.0
+    # "standard", or "sets": the set-matching benchmark of the paper's hypothesis (otmel/data/synth_sets.py)
+    synth_mode: Literal["standard", "sets"] = "standard"
     split_seed: int = 0  # MELBench's seeded 70/10/20 split
     num_workers: int = 1  # DataLoader worker processes per training worker (decode + preprocessing)
     shuffle_buffer: int = 1000

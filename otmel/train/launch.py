@@ -26,7 +26,7 @@ def prepare_data(cfg: RunConfig) -> None:
         from otmel.data.synth import generate
 
         print(f"[otmel] generating the synthetic benchmark into {src} ...", flush=True)
-        generate(src, seed=cfg.data.synth_seed, scale=cfg.data.synth_scale)
+        generate(src, seed=cfg.data.synth_seed, scale=cfg.data.synth_scale, mode=cfg.data.synth_mode)
     if not src.exists():
         raise FileNotFoundError(f"data.source {src} does not exist and no shards at {shards}")
     from otmel.data.pack import pack

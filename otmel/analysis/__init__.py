@@ -1,0 +1,1 @@
+"""Analyses of models and finished runs: plan statistics, seed studies (no Ray here)."""
