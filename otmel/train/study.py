@@ -29,9 +29,10 @@ from otmel.train.launch import DEFAULT_CONFIG, _absolute, fit, init_ray, prepare
 
 
 def _append_line(path: Path, obj: dict[str, Any]) -> None:
-    """Append one JSON line and fsync it (a reader skips a torn last line)."""
+    """Append one JSON line and fsync it (a reader skips a torn last line; the next line starts on its own)."""
+    torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+        f.write(("\n" if torn else "") + json.dumps(obj, sort_keys=True, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
