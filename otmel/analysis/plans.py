@@ -8,11 +8,17 @@ not kept). For one problem with valid cells V (rows i, columns j), plan Pi, cost
 - ``entropy``: H(Pi / sum Pi) over V (nats); ``entropy_norm``: H / log |V| (1 = uniform, 0 = one cell);
 - ``cost_range``: max C - min C over V; ``range_over_reg``: cost_range / reg, the dynamic range of the Gibbs
   kernel exp(-C / reg) in nats (near 0: every kernel entry is equal and so is the plan, whatever the costs);
+- ``sd_over_reg``: the standard deviation of C over V divided by reg: how spread the kernel's exponents are
+  (a softmax of logits with standard deviation s loses about s^2 / 2 nats of entropy; the range is set by the
+  extremes, the sharpness by the bulk);
 - ``tv_att``: the mean over valid rows of the total-variation distance between the OT assignment (the plan's
   rows renormalised, A = n Pi) and the attention map of the same scores, softmax_j(-C_ij / reg) over the
   valid columns (the first row update of Sinkhorn; what attention with logits cos / (2 reg) computes);
 - ``row_max_ot`` / ``row_max_att``: the mean over valid rows of the largest weight of a row of each map (1: a row
   concentrates on one element; 1 / m: spread evenly). The paper's claim is row_max_att > row_max_ot.
+- ``row_entropy_ot`` / ``row_entropy_att``: the mean over valid rows of each map's row entropy divided by
+  log(valid columns) (1: uniform rows). Unlike ``entropy_norm`` (the joint plan, which uniform marginals keep at
+  >= log n / log(n m), about 0.5, even for a permutation), these compare like with like.
 
 Modules are named as in `model.named_modules()` ("fusion.v2t", "fusion.t2v", "match_t.ca", "match_v.ca").
 Everything here is plain PyTorch: no Ray, no argparse.
@@ -30,7 +36,8 @@ from torch import nn
 
 from otmel.model.assign import CorrelationAssignment, PlanRecord
 
-STATS = ("entropy", "entropy_norm", "cost_range", "range_over_reg", "tv_att", "row_max_ot", "row_max_att")
+STATS = ("entropy", "entropy_norm", "cost_range", "range_over_reg", "sd_over_reg", "tv_att", "row_max_ot",
+         "row_max_att", "row_entropy_ot", "row_entropy_att")
 
 
 def ot_modules(model: nn.Module) -> dict[str, CorrelationAssignment]:
@@ -58,14 +65,21 @@ def problem_stats(rec: PlanRecord) -> dict[str, torch.Tensor]:
     logits = torch.where(valid, -cost / rec.reg, -big)
     a_att = torch.where(valid, torch.softmax(logits, -1), 0.0)
     tv = 0.5 * (a_ot - a_att).abs().sum(-1)  # (..., n)
+    cols = valid.sum(-1).clamp_min(2).double().log()  # (..., n) log(valid columns) per row
+    c_mean = torch.where(valid, cost, 0.0).sum((-1, -2)) / cells.clamp_min(1)
+    c_var = torch.where(valid, (cost - c_mean[..., None, None]) ** 2, 0.0).sum((-1, -2)) / cells.clamp_min(1)
+
+    def row_entropy(a: torch.Tensor) -> torch.Tensor:
+        return -torch.where(a > 0, a * a.clamp_min(1e-300).log(), 0.0).sum(-1) / cols
 
     def row_mean(x: torch.Tensor) -> torch.Tensor:
         return torch.where(rows, x, 0.0).sum(-1) / n_rows
 
     out = {
         "entropy": h, "entropy_norm": h / cells.clamp_min(2).double().log(), "cost_range": c_hi - c_lo,
-        "range_over_reg": (c_hi - c_lo) / rec.reg, "tv_att": row_mean(tv),
+        "range_over_reg": (c_hi - c_lo) / rec.reg, "sd_over_reg": c_var.sqrt() / rec.reg, "tv_att": row_mean(tv),
         "row_max_ot": row_mean(a_ot.amax(-1)), "row_max_att": row_mean(a_att.amax(-1)),
+        "row_entropy_ot": row_mean(row_entropy(a_ot)), "row_entropy_att": row_mean(row_entropy(a_att)),
     }
     return {k: v[keep].flatten().float() for k, v in out.items()}
 

@@ -76,7 +76,8 @@ def paired_table(rows: list[dict[str, Any]], pairs: list[tuple[str, str]], split
 def plans_table(rows: list[dict[str, Any]], variants: list[str]) -> str:
     """Per model and OT module, the plan statistics of the trained checkpoints (mean over seeds of the per-trial
     means; `otmel.analysis.plans`)."""
-    keys = ("reg", "range_over_reg", "entropy_norm", "tv_att", "row_max_ot", "row_max_att")
+    keys = ("reg", "range_over_reg", "sd_over_reg", "row_entropy_ot", "row_entropy_att", "tv_att", "row_max_ot",
+            "row_max_att")
     acc: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r.get("status") != "done" or r["variant"] not in variants:
@@ -87,14 +88,16 @@ def plans_table(rows: list[dict[str, Any]], variants: list[str]) -> str:
                     acc[(r["variant"], mod)][k].append(float(st[k]))
     if not acc:
         return ""
-    lines = ["| model | OT module | seeds | reg | (max C − min C) / reg | plan entropy (norm.) | TV(plan, attention) | "
-             "row max: plan | row max: attention |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| model | OT module | seeds | reg | (max C − min C) / reg | sd(C) / reg | row entropy: plan | "
+             "row entropy: attention | TV(plan, attention) | row max: plan | row max: attention |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for (v, mod), st in sorted(acc.items(), key=lambda kv: (variants.index(kv[0][0]), kv[0][1])):
         def m(k: str, st: dict[str, list[float]] = st) -> str:
             x = st.get(k, [])
             return f"{sum(x) / len(x):.3f}" if x else "–"
-        lines.append(f"| {v} | {mod} | {len(st['reg'])} | {m('reg')} | {m('range_over_reg')} | {m('entropy_norm')} "
-                     f"| {m('tv_att')} | {m('row_max_ot')} | {m('row_max_att')} |")
+        lines.append(f"| {v} | {mod} | {len(st['reg'])} | {m('reg')} | {m('range_over_reg')} | {m('sd_over_reg')} | "
+                     f"{m('row_entropy_ot')} | {m('row_entropy_att')} | {m('tv_att')} | {m('row_max_ot')} | "
+                     f"{m('row_max_att')} |")
     return "\n".join(lines)
 
 

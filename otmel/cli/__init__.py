@@ -1,8 +1,9 @@
 """The `otmel` console script. Every subcommand is parsed in this package and calls the library; nothing else
 in `otmel/` parses arguments.
 
-Each subcommand has one `_cmd_NAME(sub)` function (in `data.py`, `train.py` or `link.py`) that adds its parser
-and sets `func` to its handler; `main` is the entry point (`otmel = "otmel.cli:main"`, `python -m otmel.cli`).
+Each subcommand has one `_cmd_NAME(sub)` function (in `data.py`, `train.py`, `link.py` or `analysis.py`) that adds
+its parser and sets `func` to its handler; `main` is the entry point (`otmel = "otmel.cli:main"`,
+`python -m otmel.cli`).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import argparse
 from collections.abc import Callable, Sequence
 
 from otmel import __version__
-from otmel.cli import data, link, train
+from otmel.cli import analysis, data, link, train
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [*data.COMMANDS, *train.COMMANDS, *link.COMMANDS]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [*data.COMMANDS, *train.COMMANDS, *link.COMMANDS,
+                                                                    *analysis.COMMANDS]
 
 
 def build_parser() -> argparse.ArgumentParser:
