@@ -6,8 +6,11 @@ Every variant is a set of overrides on `ModelConfig`: there is one model, not on
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from otmel.errors import ConfigError, UnknownKeyError, did_you_mean
 
 CAKind = Literal["ot", "att"]
 Pooling = Literal["softpool", "mean", "max"]
@@ -86,32 +89,42 @@ class ModelConfig:
     variant: str = "OT"  # the Table-2 id this config was built from (recorded, not interpreted)
 
     def __post_init__(self) -> None:
-        checks = {
-            "fusion_ca": self.fusion_ca in ("ot", "att"),
-            "match_ca": self.match_ca in ("ot", "att"),
-            "pooling": self.pooling in ("softpool", "mean", "max"),
-            "kd": self.kd in ("none", "kl", "mse", "kl_row"),
-            "kd_target": self.kd_target in ("plan", "softmax"),
-            "reg": self.reg == "learned" or (isinstance(self.reg, int | float) and 0 < self.reg < float("inf")),
-            "reg_min": 0 < self.reg_min <= self.reg_init <= self.reg_max < float("inf") and self.reg_min < self.reg_max,
-            "reg_gain": self.reg_gain > 0,
-            "n_iters": self.n_iters >= 1,
-            "match_chunk": self.match_chunk >= 1,
+        pos = ("tiny_width", "tiny_layers", "tiny_heads", "tiny_vocab_size", "tiny_image_size", "tiny_patch_size",
+               "tower_dim", "max_len", "hidden_dim", "n_iters", "match_chunk")
+        checks: dict[str, tuple[bool, str]] = {k: (isinstance(getattr(self, k), int) and getattr(self, k) >= 1,
+                                                   "a whole number >= 1") for k in pos}
+        checks |= {
+            "fusion_ca": (self.fusion_ca in ("ot", "att"), "'ot' or 'att'"),
+            "match_ca": (self.match_ca in ("ot", "att"), "'ot' or 'att'"),
+            "pooling": (self.pooling in ("softpool", "mean", "max"), "'softpool', 'mean' or 'max'"),
+            "kd": (self.kd in ("none", "kl", "mse", "kl_row"), "'none', 'kl', 'mse' or 'kl_row'"),
+            "kd_target": (self.kd_target in ("plan", "softmax"), "'plan' or 'softmax'"),
+            "reg": (self.reg == "learned" or (_number(self.reg) and 0 < self.reg < math.inf),
+                    "a positive number or 'learned'"),
+            "reg_init": (_number(self.reg_init) and self.reg_min <= self.reg_init <= self.reg_max,
+                         "within [reg_min, reg_max]"),
+            "reg_min": (_number(self.reg_min) and 0 < self.reg_min < self.reg_max < math.inf,
+                        "0 < reg_min < reg_max"),
+            "reg_gain": (_number(self.reg_gain) and self.reg_gain > 0, "> 0"),
+            "stop_thr": (self.stop_thr is None or (_number(self.stop_thr) and self.stop_thr > 0), "> 0 or null"),
+            "logit_scale_init": (_number(self.logit_scale_init) and self.logit_scale_init > 0, "> 0"),
+            "kd_weight": (_number(self.kd_weight) and self.kd_weight >= 0, ">= 0"),
         }
-        bad = [k for k, ok in checks.items() if not ok]
+        bad = [f"'model.{k}' must be {rule}, got {getattr(self, k)!r}" for k, (ok, rule) in checks.items() if not ok]
         if bad:
-            raise ValueError(f"invalid ModelConfig value(s) for {bad}: " + str({k: getattr(self, k) for k in bad}))
+            raise ConfigError("invalid model config: " + "; ".join(bad))
         if not (self.use_fusion or self.use_matching or self.cls_only):
-            raise ValueError("ModelConfig: at least one of use_fusion / use_matching / cls_only must be on")
+            raise ConfigError("model config: at least one of use_fusion / use_matching / cls_only must be on")
         if self.kd != "none" and "ot" not in (self.fusion_ca, self.match_ca):
-            raise ValueError("ModelConfig: distillation needs an OT teacher (fusion_ca or match_ca = 'ot')")
+            raise ConfigError("model config: distillation (kd) needs an OT teacher (fusion_ca or match_ca = 'ot')")
 
     @classmethod
     def from_variant(cls, variant: str, **overrides: Any) -> ModelConfig:
         """Build the config of a Table-2 variant (`OT`, `F1`, ..., `K2`, or `CLS`), then apply overrides."""
-        key = variant.upper()
+        key = str(variant).upper()
         if key not in VARIANTS:
-            raise KeyError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
+            hint = did_you_mean(key, VARIANTS)
+            raise UnknownKeyError(f"unknown variant {variant!r}{hint}; known: {sorted(VARIANTS)}")
         return cls.from_dict({**VARIANTS[key], "variant": key, **overrides})
 
     @classmethod
@@ -120,7 +133,9 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise KeyError(f"unknown model config key(s) {unknown}; known: {sorted(names)}")
+            hints = "".join(did_you_mean(k, names).replace("'", "'model.", 1) for k in unknown)
+            raise UnknownKeyError(f"unknown model config key(s) {['model.' + k for k in unknown]}{hints}; known: "
+                                  f"{sorted(names)}")
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,6 +145,10 @@ class ModelConfig:
     def inference_ca(self) -> str:
         """What the correlation assignments run at inference: the KD model swaps OT for its student ATT."""
         return "student" if self.kd != "none" else "teacher"
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 # Table 2 / Table 6 of the paper, as overrides of the full model (OT).
@@ -152,8 +171,4 @@ VARIANTS: dict[str, dict[str, Any]] = {
 TABLE2_VARIANTS: tuple[str, ...] = ("OT", "F1", "F2", "M1", "M2", "A1", "O1", "O2", "KD", "K1", "K2")
 
 
-def variant_names() -> list[str]:
-    return list(VARIANTS)
-
-
-__all__ = ["ModelConfig", "VARIANTS", "TABLE2_VARIANTS", "variant_names"]
+__all__ = ["ModelConfig", "VARIANTS", "TABLE2_VARIANTS"]

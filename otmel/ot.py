@@ -261,12 +261,6 @@ class _Marginals:
         return self._zero(self.b)
 
 
-def _valid(mask: Tensor | None, size: int, device: torch.device) -> Tensor:
-    if mask is None:
-        return torch.ones(size, device=device, dtype=torch.bool)
-    return mask.to(device=device, dtype=torch.bool)
-
-
 def _marginal_error(col_sums: Tensor, b: Tensor | float) -> float:
     """max over the batch of ||col_sums - b||_2, with ``col_sums`` and ``b`` shaped (..., 1, m)."""
     err = (col_sums.detach() - b).square().sum(-1).sqrt()

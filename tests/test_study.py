@@ -70,7 +70,7 @@ def _fake_fit(calls: list[str], fail: set[str]):  # type: ignore[no-untyped-def]
         calls.append(run_name)
         if run_name in fail:
             raise RuntimeError("worker died")
-        v, s = cfg.model["variant"], cfg.train.seed
+        v, s = cfg.model.variant, cfg.train.seed
         mrr = {"OT": 0.8, "A1": 0.7}[v] + 0.01 * s
         return {"run_dir": f"/runs/{run_name}", "checkpoint": None, "wall_seconds": 1.0,
                 "metrics": {"test/MRR": mrr, "test/H@1": mrr - 0.1, "dev/MRR": mrr, "train/loss": 1.0},

@@ -93,7 +93,7 @@ def test_tune_space_domains() -> None:
 def test_apply_params_and_override_strings() -> None:
     base = load_config(SYNTH).to_dict()
     cfg = apply_params(base, {"model.reg": 0.123, "model.pooling": "mean", "train.lr": 3e-4})
-    assert cfg.model["reg"] == 0.123 and cfg.model["pooling"] == "mean" and cfg.train.lr == 3e-4
+    assert cfg.model.reg == 0.123 and cfg.model.pooling == "mean" and cfg.train.lr == 3e-4
     assert cfg.model_config().reg == 0.123 and base["model"].get("reg") is None  # the base is not mutated
     for v in (0.05, 3e-4, 96, "softpool", True):
         k, text = override("model.x", v).split("=", 1)

@@ -34,7 +34,7 @@ def run_capture(run: Path, mentions: int, entities: int) -> tuple[str, int, Plan
 
     with torch.no_grad(), capture_plans(model, keep_samples=True) as cap:
         model.score(model.encode_mentions(mb), model.encode_entities(eb))
-    return str(cfg.model.get("variant", "OT")), model.cfg.n_iters, cap
+    return cfg.model.variant, model.cfg.n_iters, cap
 
 
 def _pct(row: dict[str, float], k: str) -> str:

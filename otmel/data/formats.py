@@ -15,6 +15,7 @@ import numpy as np
 
 from otmel.data.images import ImageFolder, ImageRef
 from otmel.data.records import NIL, SPLITS, BadRecord, EntityRecord, MentionRecord, RawDataset
+from otmel.errors import InputFileError
 
 # ------------------------------------------------------------------------------------------- helpers
 
@@ -50,8 +51,13 @@ def _qid_key(qid: str) -> tuple[int, int, str]:
 
 
 def _load_json(path: Path) -> Any:
-    with path.open(encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with path.open(encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise InputFileError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise InputFileError(f"{path}: not UTF-8 text (byte {exc.start})") from None
 
 
 def _split_ids(ids: list[str], seed: int, ratios: tuple[float, float, float]) -> dict[str, list[str]]:
@@ -172,7 +178,10 @@ def read_cleaned(src: Path) -> RawDataset:
     qid2id_path = src / "qid2id.json"
     if qid2id_path.is_file():
         with qid2id_path.open(encoding="utf-8") as f:
-            qid2id = json.loads(f.readline())
+            try:
+                qid2id = json.loads(f.readline())
+            except json.JSONDecodeError as exc:
+                raise InputFileError(f"{f.name}: line 1 is not valid JSON: {exc.msg}") from None
         rows_of = [qid2id.get(rec.qid) for rec, _ in entities]
         ds.stats["kb_entities_not_in_qid2id"] = sum(r is None for r in rows_of)
         order = sorted(

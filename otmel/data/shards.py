@@ -196,8 +196,3 @@ def iter_shard(
             f"shard {path}: {count} samples, the manifest says {expected_samples} (truncated or replaced; "
             "run `otmel verify`)"
         )
-
-
-def count_samples(path: Path) -> int:
-    """Number of samples in a shard (reads the whole tar; raises `ShardError` when it is corrupt)."""
-    return sum(1 for _ in iter_shard(path))

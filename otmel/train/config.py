@@ -15,6 +15,14 @@ from typing import Any, Literal
 import yaml
 
 from otmel.config import ModelConfig
+from otmel.errors import ConfigError, InputFileError, UnknownKeyError, did_you_mean
+
+
+def _require(section: str, rules: dict[str, tuple[bool, str]], obj: object) -> None:
+    """Raise one ConfigError naming every key of `section` whose rule fails."""
+    bad = [f"'{section}.{k}' must be {rule}, got {getattr(obj, k)!r}" for k, (ok, rule) in rules.items() if not ok]
+    if bad:
+        raise ConfigError("invalid config: " + "; ".join(bad))
 
 
 @dataclass
@@ -31,6 +39,11 @@ class DataConfig:
     split_seed: int = 0  # MELBench's seeded 70/10/20 split
     num_workers: int = 1  # DataLoader worker processes per training worker (decode + preprocessing)
     shuffle_buffer: int = 1000
+
+    def __post_init__(self) -> None:
+        _require("data", {"num_workers": (self.num_workers >= 0, ">= 0"),
+                          "shuffle_buffer": (self.shuffle_buffer >= 1, ">= 1"),
+                          "synth_scale": (self.synth_scale > 0, "> 0")}, self)
 
 
 @dataclass
@@ -68,14 +81,23 @@ class TrainConfig:
     mine_first_stage: Literal["summary", "cls", "fusion"] = "summary"  # the cheap score that mines
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or (self.head_lr is not None and self.head_lr <= 0):
-            raise ValueError(f"config keys 'train.lr' and 'train.head_lr' must be > 0, got {self.lr}, {self.head_lr}")
+        pos = ("epochs", "batch_size", "eval_every", "eval_batch_size")
+        rules = {k: (getattr(self, k) >= 1, ">= 1") for k in pos}
+        rules |= {
+            "lr": (self.lr > 0, "> 0"),
+            "head_lr": (self.head_lr is None or self.head_lr > 0, "> 0 or null"),
+            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "warmup_steps": (self.warmup_steps >= 0, ">= 0"),
+            "steps_per_epoch": (self.steps_per_epoch is None or self.steps_per_epoch >= 1, ">= 1 or null"),
+            "grad_clip": (self.grad_clip > 0, "> 0"),
+            "checkpoint_every": (self.checkpoint_every >= 0, ">= 0 (0: once per epoch)"),
+            "fail_at_step": (self.fail_at_step is None or self.fail_at_step >= 1, ">= 1 or null"),
+        }
         if self.hard_negatives != "none":
-            if self.hard_per_mention < 1 or self.hard_pool < self.hard_per_mention:
-                raise ValueError("config keys 'train.hard_per_mention' >= 1 and 'train.hard_pool' >= it are "
-                                 f"required, got {self.hard_per_mention} and {self.hard_pool}")
-            if self.mine_every < 1 or self.mine_start < 0:
-                raise ValueError("config keys 'train.mine_every' >= 1 and 'train.mine_start' >= 0 are required")
+            rules |= {"hard_per_mention": (self.hard_per_mention >= 1, ">= 1"),
+                      "hard_pool": (self.hard_pool >= self.hard_per_mention, ">= train.hard_per_mention"),
+                      "mine_every": (self.mine_every >= 1, ">= 1"), "mine_start": (self.mine_start >= 0, ">= 0")}
+        _require("train", rules, self)
 
 
 @dataclass
@@ -83,6 +105,10 @@ class ScalingConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: int = 1
+
+    def __post_init__(self) -> None:
+        _require("scaling", {"num_workers": (self.num_workers >= 1, ">= 1 (one Ray Train worker at least)"),
+                             "cpus_per_worker": (self.cpus_per_worker >= 1, ">= 1")}, self)
 
 
 @dataclass
@@ -92,6 +118,10 @@ class RunSection:
     max_failures: int = 1  # worker failures tolerated (Ray Train FailureConfig)
     keep_checkpoints: int = 2
     ray_address: str | None = None  # None: join RAY_ADDRESS / the job's cluster, else start a local Ray
+
+    def __post_init__(self) -> None:
+        _require("run", {"max_failures": (self.max_failures >= -1, ">= -1 (-1: retry forever)"),
+                         "keep_checkpoints": (self.keep_checkpoints >= 1, ">= 1")}, self)
 
 
 @dataclass
@@ -107,25 +137,48 @@ class WandbConfig:
 class RunConfig:
     name: str = "synth"
     data: DataConfig = field(default_factory=DataConfig)
-    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides; `variant` picks a preset
+    # Resolved and validated once, when the config is built; `model_spec` keeps the section as written (`variant`
+    # plus the keys set), which is what `to_dict` writes, so that a saved config re-targeted to another variant
+    # (a sweep or an ablation setting model.variant) gets that variant's preset and not the old variant's values.
+    model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunSection = field(default_factory=RunSection)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    model_spec: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):  # RunConfig(model={...}): a model section as written
+            spec = dict(self.model)
+            self.model = ModelConfig.from_variant(spec.pop("variant", "OT"), **spec)
+            self.model_spec = dict(self.model_spec or {"variant": self.model.variant, **spec})
+        elif not self.model_spec and self.model != ModelConfig():  # a resolved ModelConfig: record all of it
+            self.model_spec = self.model.to_dict()
 
     def model_config(self) -> ModelConfig:
-        kw = dict(self.model)
-        return ModelConfig.from_variant(kw.pop("variant", "OT"), **kw)
+        """The resolved model config (kept for callers of the dict era; the same object as `self.model`)."""
+        return self.model
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = {f.name: dataclasses.asdict(getattr(self, f.name)) if dataclasses.is_dataclass(getattr(self, f.name))
+             else getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("model", "model_spec")}
+        return {**d, "model": dict(self.model_spec)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        return _build(cls, d, "")
-
-
-_SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
+        if not isinstance(d, dict):
+            raise ConfigError(f"a run config must be a mapping, got {type(d).__name__}")
+        d = dict(d)
+        spec = d.pop("model", None) or {}
+        if not isinstance(spec, dict):
+            raise ConfigError(f"config section 'model' must be a mapping, got {type(spec).__name__}")
+        if "model_spec" in d:
+            raise UnknownKeyError("unknown config key(s) ['model_spec']")
+        cfg: RunConfig = _build(cls, d, "")
+        kw = dict(spec)
+        cfg.model = ModelConfig.from_variant(kw.pop("variant", "OT"), **kw)
+        cfg.model_spec = dict(spec)
+        return cfg
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -135,42 +188,45 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
         if value not in args:
-            raise ValueError(f"config key {key!r}: {value!r} is not one of {list(args)}")
+            raise ConfigError(f"config key {key!r}: {value!r} is not one of {list(args)}"
+                              f"{did_you_mean(str(value), [str(a) for a in args])}")
         return value
     if origin in (types.UnionType, typing.Union):
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, key)
-            except (TypeError, ValueError) as exc:
-                errors.append(str(exc))
-        raise ValueError(f"config key {key!r}: {value!r} fits none of {args}")
+            except (TypeError, ValueError):  # ConfigError is a ValueError
+                continue
+        raise ConfigError(f"config key {key!r}: {value!r} fits none of {args}")
     if tp is float and isinstance(value, int | float | str) and not isinstance(value, bool):
         try:
             return float(value)
         except ValueError:
-            raise ValueError(f"config key {key!r}: {value!r} is not a number") from None
+            raise ConfigError(f"config key {key!r}: {value!r} is not a number") from None
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp in (bool, str) and isinstance(value, tp):
         return value
     if tp in (int, bool, str):
-        raise TypeError(f"config key {key!r}: expected {tp.__name__}, got {value!r}")
+        raise ConfigError(f"config key {key!r}: expected {tp.__name__}, got {value!r}")
     return value
 
 
 def _build(cls: type, d: dict[str, Any], where: str) -> Any:
     if not isinstance(d, dict):
-        raise TypeError(f"config section {where or '<root>'!r} must be a mapping, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+        raise ConfigError(f"config section {where.rstrip('.') or '<root>'!r} must be a mapping, got "
+                          f"{type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "model_spec"}
     unknown = sorted(set(d) - set(fields))
     if unknown:
-        raise KeyError(f"unknown config key(s) {[where + k for k in unknown]}; known in "
-                       f"{where.rstrip('.') or 'the top level'}: {sorted(fields)}")
+        hints = "".join(did_you_mean(k, fields).replace("'", "'" + where, 1) if where else did_you_mean(k, fields)
+                        for k in unknown)
+        raise UnknownKeyError(f"unknown config key(s) {[where + k for k in unknown]}{hints}; known in "
+                              f"{where.rstrip('.') or 'the top level'}: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     kw = {}
     for k, v in d.items():
@@ -186,20 +242,44 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     for p in parts[:-1]:
         d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"override {key!r}: {p!r} is a value, not a section")
     d[parts[-1]] = value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (None: the embedded default) and apply `a.b=value` overrides (YAML-typed)."""
+    """Read a YAML config (None: the embedded default) and apply `a.b=value` overrides (YAML-typed); every value
+    is validated here, with its key named (`check_files` checks the files a run reads)."""
     raw: dict[str, Any] = {}
     if path is not None:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        p = Path(path)
+        if not p.is_file():
+            raise InputFileError(f"config file {p} does not exist" if not p.exists() else f"{p} is not a file")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise InputFileError(f"config file {p}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     for ov in overrides or []:
         if "=" not in ov:
-            raise ValueError(f"override {ov!r} is not of the form section.key=value")
+            raise ConfigError(f"override {ov!r} is not of the form section.key=value")
         k, v = ov.split("=", 1)
-        _set_dotted(raw, k.strip(), yaml.safe_load(v))
-    cfg = RunConfig.from_dict(raw)
-    cfg.model_config()  # validate the model section now: unknown keys / bad values fail at start-up
-    return cfg
+        try:
+            value = yaml.safe_load(v)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {ov!r}: the value is not valid YAML") from None
+        _set_dotted(raw, k.strip(), value)
+    return RunConfig.from_dict(raw)
+
+
+def check_files(cfg: RunConfig) -> None:
+    """The files a run reads must exist where it is driven (called by every driver before Ray starts; not by
+    `load_config`, which also validates configs meant for another machine, e.g. a cluster's)."""
+    ds = cfg.train.deepspeed_config
+    if cfg.train.strategy == "deepspeed" and "://" not in ds and not Path(ds).is_file():
+        raise InputFileError(f"config key 'train.deepspeed_config': file {ds} does not exist")
+    shards, src = Path(cfg.data.shards), Path(cfg.data.source)
+    if not (shards / "manifest.json").is_file() and not src.exists() and not cfg.data.synth_if_missing:
+        raise InputFileError(f"config keys 'data.shards' / 'data.source': no packed shards at {shards} "
+                             f"(manifest.json) and no dataset at {src}")

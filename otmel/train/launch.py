@@ -11,13 +11,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from otmel.train.config import RunConfig, load_config
+from otmel.train.config import RunConfig, check_files, load_config
 
 DEFAULT_CONFIG = "configs/synth.yaml"
 
 
 def prepare_data(cfg: RunConfig) -> None:
-    """Generate the synthetic benchmark if asked and absent; pack the source if the shards are absent."""
+    """Check the run's files (before Ray starts), generate the synthetic benchmark if asked and absent, pack the
+    source if the shards are absent."""
+    check_files(cfg)
     shards = Path(cfg.data.shards)
     if (shards / "manifest.json").exists():
         return

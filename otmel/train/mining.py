@@ -105,7 +105,6 @@ class HardNegativeSchedule:
         self.lexical = lexical_table(shards, t.hard_pool) if t.hard_negatives in ("lexical", "both") else None
         self.mined: torch.Tensor | None = None
         self.mined_epoch = -1
-        self.mine_seconds: list[float] = []
 
     def due(self, epoch: int) -> bool:
         t = self.cfg.train

@@ -1,6 +1,6 @@
 """Hyper-parameter sweeps with Ray Tune, every trial a distributed Ray Train run of the ordinary code path.
 
-Pattern (Ray 2.60, Train V2; see docs/ray-stack-notes): one Tune *driver function* per trial
+Pattern (Ray 2.60, Train V2): one Tune *driver function* per trial
 (`trial_driver`) builds the same `TorchTrainer` as `otmel train` (`launch.build_trainer`) with
 `TuneReportCallback` and a deterministic run name `train-<trial_id>` (so a restored sweep resumes each
 trial's Train run from its checkpoints), and fits it. Tune only schedules: ASHA stops weak trials on the
