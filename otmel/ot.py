@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -43,6 +43,51 @@ def reg_number(reg: float | Tensor) -> float:
 
 class SinkhornNotConvergedWarning(UserWarning):
     """``sinkhorn`` hit ``n_iters`` before the marginal error fell below ``stop_thr``."""
+
+
+@overload
+def sinkhorn(
+    cost: Tensor,
+    mask_x: Tensor | None = None,
+    mask_y: Tensor | None = None,
+    *,
+    reg: float | Tensor = 0.05,
+    n_iters: int = 3,
+    stop_thr: float | None = None,
+    warn: bool = True,
+    method: Method = "auto",
+    return_info: Literal[False] = False,
+) -> Tensor: ...
+
+
+@overload
+def sinkhorn(
+    cost: Tensor,
+    mask_x: Tensor | None = None,
+    mask_y: Tensor | None = None,
+    *,
+    reg: float | Tensor = 0.05,
+    n_iters: int = 3,
+    stop_thr: float | None = None,
+    warn: bool = True,
+    method: Method = "auto",
+    return_info: Literal[True],
+) -> tuple[Tensor, dict[str, Any]]: ...
+
+
+@overload
+def sinkhorn(
+    cost: Tensor,
+    mask_x: Tensor | None = None,
+    mask_y: Tensor | None = None,
+    *,
+    reg: float | Tensor = 0.05,
+    n_iters: int = 3,
+    stop_thr: float | None = None,
+    warn: bool = True,
+    method: Method = "auto",
+    return_info: bool = False,
+) -> Tensor | tuple[Tensor, dict[str, Any]]: ...
 
 
 def sinkhorn(
@@ -169,12 +214,13 @@ def sinkhorn(
         if mask is not None:
             if mask.dim() < 1 or mask.shape[-1] != size:
                 raise ValueError(f"{name} must have shape (..., {size}), got {tuple(mask.shape)}")
-            batch = torch.broadcast_shapes(batch, mask.shape[:-1])
+            # torch leaves broadcast_shapes unannotated
+            batch = torch.broadcast_shapes(batch, mask.shape[:-1])  # type: ignore[no-untyped-call]
     if batch != cost.shape[:-2]:
         cost = cost.expand(*batch, n, m)
     marg = _Marginals(mask_x, mask_y, n, m, cost)
 
-    plan: Tensor
+    plan: Tensor | None  # None only from a kernel run that left the safe range (redone below)
     info: dict[str, Any]
     if cost.numel() == 0:
         plan, info = cost.new_zeros(cost.shape), {"n_iters": 0, "err": 0.0, "converged": None}

@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline DS_ACCELERATOR=cpu
 .venv/bin/ruff check otmel ray_jobs bench tests
+.venv/bin/mypy
 exec .venv/bin/python -m pytest -q "$@"

@@ -66,7 +66,7 @@ def test_tables_on_synthetic_rows() -> None:
 
 
 def _fake_fit(calls: list[str], fail: set[str]):  # type: ignore[no-untyped-def]
-    def fit(cfg, run_name):  # type: ignore[no-untyped-def]
+    def fit(cfg, run_name, **kw):  # type: ignore[no-untyped-def]
         calls.append(run_name)
         if run_name in fail:
             raise RuntimeError("worker died")
@@ -81,7 +81,6 @@ def _fake_fit(calls: list[str], fail: set[str]):  # type: ignore[no-untyped-def]
 def test_study_resumes_skips_finished_and_retries_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     monkeypatch.setattr(study_mod, "prepare_data", lambda cfg: None)
-    monkeypatch.setattr(study_mod, "init_ray", lambda cfg: None)
     monkeypatch.setattr(study_mod, "fit", _fake_fit(calls, fail={"A1-s1"}))
     ov = [f"run.storage={tmp_path}"]
     cfg = str(ROOT / "configs/synth.yaml")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -179,3 +180,27 @@ def test_baseline_command_reports_string_match_and_cls_only(shards: Path, tmp_pa
         assert 0 <= out[name]["H@1"] <= out[name]["H@5"] <= 1 and out[name]["MR"] >= 1
     assert out["string_match"]["H@1"] < 0.2  # names are shared: string matching cannot tell entities apart
     assert (tmp_path / "cls" / "baselines.json").exists()
+
+
+def test_demo_command_output_is_short_and_ends_with_the_table(shards: Path, tmp_path: Path) -> None:
+    """The demo's command (`otmel train`, quiet console) through the real console script: a header, one line per
+    epoch, the table and where the results are; Ray's, DeepSpeed's and the workers' output are in RUN_DIR/logs."""
+    exe = shutil.which("otmel") or str(Path(sys.executable).parent / "otmel")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    ov = [o for o in _overrides(shards, tmp_path, "demo") if not o.startswith("train.progress")]
+    out = subprocess.run([exe, "train", *ov], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    bar = re.compile(r"epoch \d+/\d+: +\d+%\|")  # the progress bar's redraws (tqdm: "epoch 1/2:  50%|...")
+    lines = [ln for ln in out.stdout.replace("\r", "\n").splitlines() if ln.strip() and not bar.search(ln)]
+    budget = 2 + 2 + 3 + 4  # header (2), one line per epoch (2), the table (3), where the results are (4)
+    assert len(lines) <= budget, lines
+    assert lines[0].startswith("otmel train: run demo | config configs/synth.yaml | model OT | 2 worker(s)")
+    assert [ln.split()[0:2] for ln in lines if ln.startswith("epoch ")] == [["epoch", "1/2"], ["epoch", "2/2"]]
+    table = [ln for ln in lines if ln.split()[0] in ("split", "dev", "test")]
+    assert len(table) == 3 and lines[-1].startswith("wall time:")
+    assert "RayTrainWorker" not in out.stdout + out.stderr and "TrainingReport" not in out.stdout + out.stderr
+    assert len(out.stderr.strip().splitlines()) <= 2, out.stderr  # at most Ray's own start-up warnings
+    logs = tmp_path / "demo" / "logs"
+    assert {p.name for p in logs.iterdir()} >= {"driver.log", "worker-rank0.log", "worker-rank1.log"}
+    assert "Reporting training result" in (logs / "worker-rank0.log").read_text()

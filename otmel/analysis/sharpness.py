@@ -50,7 +50,8 @@ def model_plan_summary(model: OTMEL, mentions: dict[str, torch.Tensor], entities
         model.train(was)
     out: dict[str, dict[str, Any]] = {}
     iters = model.cfg.n_iters
-    for mod, row in cap.summary().items():
+    summary: dict[str, dict[str, Any]] = cap.summary()  # rows gain a nested "what_if" entry below
+    for mod, row in summary.items():
         rec = cap.samples[mod]
         row["what_if"] = {"as_run": what_if(rec, rec.reg, iters), "iters200": what_if(rec, rec.reg, 200),
                           **{f"reg{r:.3g}": what_if(rec, r, iters) for r in WHAT_IF_REGS}}

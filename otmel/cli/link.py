@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import cast
 
 from otmel.cli.common import fail
 
@@ -121,7 +122,7 @@ def _cmd_eval(sub: argparse._SubParsersAction) -> None:
             res = evaluate(args.checkpoint, args.shards, args.split, modes=modes, candidates=args.candidates,
                            first_stage=args.first_stage, index=args.index, limit=args.limit, seed=args.seed,
                            workers=args.workers, terms=args.terms, progress=True)
-        except (*_link_errors(), ValueError) as exc:
+        except cast("tuple[type[BaseException], ...]", (*_link_errors(), ValueError)) as exc:
             return fail("eval", exc)
         print(format_eval(res))
         if args.json:
@@ -149,7 +150,7 @@ def _cmd_explain(sub: argparse._SubParsersAction) -> None:
         try:
             linker = Linker.from_checkpoint(args.checkpoint, args.index)
             path, ex = explain(linker, args.text, args.mention, args.image, entity=args.entity, out=args.out)
-        except (*_link_errors(), ValueError) as exc:
+        except cast("tuple[type[BaseException], ...]", (*_link_errors(), ValueError)) as exc:
             return fail("explain", exc)
         print(f"{path}: {args.mention!r} -> {ex.entity.qid} {ex.entity.name} (S_O {ex.entity.S_O:.4f}, "
               f"rank {ex.entity.rank})")
@@ -181,7 +182,7 @@ def _cmd_report(sub: argparse._SubParsersAction) -> None:
         try:
             path = report(args.runs, args.out, split=args.split, limit=args.limit, timing_split=args.timing_split,
                           timing_limit=args.timing_limit, variants=args.variants.split(","), repeats=args.repeats)
-        except (*_link_errors(), ValueError) as exc:
+        except cast("tuple[type[BaseException], ...]", (*_link_errors(), ValueError)) as exc:
             return fail("report", exc)
         print(path.read_text())
         print(f"written to {path.parent}")

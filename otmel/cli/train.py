@@ -16,12 +16,14 @@ def _cmd_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", default=None, help="YAML run config (default: configs/synth.yaml)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run stored in RUN_DIR")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's worker output, report dumps and library warnings (default: RUN_DIR/logs/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides such as train.epochs=2")
 
     def run(args: argparse.Namespace) -> int:
         from otmel.train.launch import main as train_main
 
-        train_main(args.config, args.overrides, args.resume)
+        train_main(args.config, [*args.overrides, *(["run.console=verbose"] if args.verbose else [])], args.resume)
         return 0
 
     p.set_defaults(func=run)

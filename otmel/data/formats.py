@@ -205,12 +205,12 @@ def read_cleaned(src: Path) -> RawDataset:
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of mentions")
         for pos, row in enumerate(data):
-            rid = _text(row.get("id")) if isinstance(row, dict) else None
-            if rid is None or _text(row.get("sentence")) is None:
-                missing = "id" if rid is None else "sentence"
-                ds.bad.append(BadRecord(path.name, rid or f"#{pos}", f"missing field '{missing}'"))
+            row_id = _text(row.get("id")) if isinstance(row, dict) else None
+            if row_id is None or _text(row.get("sentence")) is None:
+                missing = "id" if row_id is None else "sentence"
+                ds.bad.append(BadRecord(path.name, row_id or f"#{pos}", f"missing field '{missing}'"))
                 continue
-            expanded = _expand_mentions(row, rid, path.name, ds, mention_key="mentions")
+            expanded = _expand_mentions(row, row_id, path.name, ds, mention_key="mentions")
             ref = mention_images.ref(row.get("imgPath"))
             for mid, mention, answer, _ in expanded or []:
                 sink.add(MentionRecord(mid, mention, row["sentence"], answer), ref)
@@ -315,10 +315,11 @@ def read_jsonl(src: Path) -> RawDataset:
         ds.split_files[split] = path.name
         for lineno, row in _iter_jsonl(path, ds):
             rid = _text(row.get("id"))
-            missing = [k for k in ("id", "mention", "sentence", "answer") if _text(row.get(k)) is None]
-            if missing:
-                ds.bad.append(BadRecord(path.name, rid or f"line {lineno}", f"missing field '{missing[0]}'"))
+            missing_keys = [k for k in ("id", "mention", "sentence", "answer") if _text(row.get(k)) is None]
+            if missing_keys:
+                ds.bad.append(BadRecord(path.name, rid or f"line {lineno}", f"missing field '{missing_keys[0]}'"))
                 continue
+            assert rid is not None  # "id" would be in missing_keys
             if row["answer"].strip().lower() == NIL:
                 ds.stats["nil_skipped"] += 1
                 continue

@@ -45,7 +45,7 @@ def decode_image(data: bytes | None, *, draft_size: int | None = None) -> Image.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. PIL's DecompressionBombWarning, palette transparency
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             if draft_size is not None and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
             img.load()

@@ -90,7 +90,9 @@ def _count_declared_images(ds: RawDataset) -> None:
 
 def _load_images(ds: RawDataset) -> None:
     """Fill `image` with the original bytes of the first readable candidate (small datasets)."""
-    pairs = [("kg", e, r) for e, r in zip(ds.entities, ds.entity_images, strict=True)]
+    pairs: list[tuple[str, EntityRecord | MentionRecord, tuple[str, ...] | None]] = [
+        ("kg", e, r) for e, r in zip(ds.entities, ds.entity_images, strict=True)
+    ]
     for split, mentions in ds.splits.items():
         pairs += [("mention", m, r) for m, r in zip(mentions, ds.mention_images[split], strict=True)]
     for prefix, rec, ref in pairs:

@@ -261,12 +261,12 @@ def build_plan(seed: int = 0, scale: float = 1.0) -> SynthPlan:
             core = set.intersection(*(set(e.objects) for e in group)) if len(group) > 1 else set()
             surface, kind, answer = _surface(rng, gold.name, gold.kind), gold.kind, gold.qid
             named = _named_objects(rng, gold.objects, core)
-            shown = list(gold.objects)
+            shown_list = list(gold.objects)
             if rng.random() < P_DISTRACTOR:
                 used = {o for e in group for o in e.objects}
-                shown.append(rng.choice([o for o in ALL_OBJECTS if o not in used]))
-            rng.shuffle(shown)
-            shown = tuple(shown)
+                shown_list.append(rng.choice([o for o in ALL_OBJECTS if o not in used]))
+            rng.shuffle(shown_list)
+            shown = tuple(shown_list)
         if named:
             sentence = rng.choice(_WITH_OBJECTS).format(m=surface, o=_phrase(rng, named), k=kind)
         else:

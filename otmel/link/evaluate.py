@@ -84,7 +84,7 @@ TERM_NAMES: dict[str, str] = {
 
 def term_scores(full: dict[str, torch.Tensor], m: MentionFeatures, e: EntityFeatures) -> dict[str, torch.Tensor]:
     """Each term of the score (`TERM_NAMES`) that this model has, as (Bm, Be), from `full_scores` output."""
-    out = {k: full[k] for k in ("S_F", "S_T", "S_V") if k in full}
+    out: dict[str, torch.Tensor] = {k: full[k] for k in ("S_F", "S_T", "S_V") if k in full}
     if "S_T" in full:
         cos = m.t @ e.t.t()  # (Bm, Be)
         out["cos_t"], out["ca_t"] = cos, 2 * full["S_T"] - cos

@@ -87,8 +87,8 @@ def compute_explanation(linker: Linker, text: str, mention: str, image: ImageInp
         hit = linker.rank(m, k=1)[0][0]
     else:
         row = index.row_of(entity)
-        hit = linker.rank(m, k=len(index), mode="exhaustive")[0]
-        hit = next(h for h in hit if h.row == row)
+        hits = linker.rank(m, k=len(index), mode="exhaustive")[0]
+        hit = next(h for h in hits if h.row == row)
     student = cfg.kd != "none"
     tok = linker.pre.tokenizer
     mask_t = batch["m_attention_mask"].bool()
@@ -113,6 +113,9 @@ def compute_explanation(linker: Linker, text: str, mention: str, image: ImageInp
     if cfg.use_matching:
         f = linker.entities
         r = slice(hit.row, hit.row + 1)
+        # use_matching: the index holds the entities' text queries and masks, the mention was encoded with keys
+        assert f.q_t is not None and f.mask_t is not None
+        assert m.k_t is not None and m.h_t is not None and m.mask_t is not None
         qe = {"q": f.q_t[r]} | ({"q_s": f.q_t_s[r]} if f.q_t_s is not None else {})
         km = {"k": m.k_t, "h": m.h_t} | ({"k_s": m.k_t_s} if m.k_t_s is not None else {})
         mask_e = f.mask_t[r]

@@ -219,12 +219,10 @@ def _run_ray(checkpoint: str, jobs: list[tuple[str, dict]], workers: int, batch_
     import ray
     from ray.util import ActorPool
 
-    started = False
-    if not ray.is_initialized():
-        env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env})
-        started = True
+    from otmel.ray_runtime import start_ray
+
+    started = start_ray(cpus=workers, env_vars={"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+                        dashboard=False)
     try:
         actor = ray.remote(num_cpus=1)(ShardEncoder)
         pool = ActorPool([actor.remote(checkpoint, 1, batch_size) for _ in range(min(workers, len(jobs)))])

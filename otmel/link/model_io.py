@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -104,7 +104,8 @@ def save_model_checkpoint(directory: str | Path, model: OTMEL, extra_state: dict
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp),
               metadata={"format": "otmel-checkpoint-1"})
     tmp.replace(out / MODEL_FILE)
-    state = {**(extra_state or {}), "config": RunConfig(model=model.cfg.to_dict()).to_dict()}
+    # RunConfig.__post_init__ resolves a model section given as a dict (and records it as model_spec)
+    state = {**(extra_state or {}), "config": RunConfig(model=cast(ModelConfig, model.cfg.to_dict())).to_dict()}
     tmp = out / (STATE_FILE + ".tmp")
     tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
     tmp.replace(out / STATE_FILE)

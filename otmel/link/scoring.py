@@ -61,11 +61,15 @@ def first_stage_scores(
     total: torch.Tensor | float = 0.0
     count: torch.Tensor | float = 0.0
     if cfg.use_fusion:
+        assert m.g is not None and e.g is not None  # use_fusion: both sides carry the fusion vector g
         total, count = total + m.g @ e.g.t(), count + 1
     if cfg.use_matching and kind != "fusion":
+        assert m.h_t is not None and m.mask_t is not None  # set by OTMEL.encode_mentions under use_matching
         total, count = total + _query(model.match_t, m.h_t, m.mask_t, m.t, kind) @ e.t.t(), count + 1
         if cfg.use_images:
             assert valid is not None
+            # use_images: OTMEL.encode_mentions / encode_entities set these
+            assert m.h_v is not None and m.mask_v is not None and m.v is not None and e.v is not None
             q_v = _query(model.match_v, m.h_v, m.mask_v, m.v, kind)
             total, count = total + (q_v @ e.v.t()) * valid, count + valid
     if isinstance(total, float):  # fusion-only first stage of a model without fusion: fall back to "cls"

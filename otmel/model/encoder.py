@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -79,13 +79,14 @@ def _vision_geometry(cfg: ModelConfig) -> tuple[int, tuple[float, ...] | None, t
         from transformers import AutoImageProcessor
 
         path = resolve_model_path(cfg.vision_model)
-        proc = AutoImageProcessor.from_pretrained(path)
+        proc = AutoImageProcessor.from_pretrained(path)  # type: ignore[no-untyped-call]  # unannotated in transformers
         vc = AutoConfig.from_pretrained(path)
         vc = getattr(vc, "vision_config", vc)
         return int(vc.image_size), tuple(proc.image_mean), tuple(proc.image_std)
     if cfg.pretrained == "tiny":
         return cfg.tiny_image_size, None, None
-    return int(CLIPConfig.from_pretrained(cfg.pretrained).vision_config.image_size), None, None
+    # transformers types a loaded sub-config as its constructor input (dict | config | None), image_size as a union
+    return int(CLIPConfig.from_pretrained(cfg.pretrained).vision_config.image_size), None, None  # type: ignore[union-attr, arg-type]
 
 
 def image_size_of(cfg: ModelConfig) -> int:
@@ -97,7 +98,7 @@ def build_preprocessor(cfg: ModelConfig) -> Preprocessor:
     from otmel.data.transforms import Preprocessor
 
     size, mean, std = _vision_geometry(cfg)
-    extra = {"mean": mean, "std": std} if mean is not None else {}
+    extra: dict[str, Any] = {"mean": mean, "std": std} if mean is not None else {}
     return Preprocessor(tokenizer=load_tokenizer(cfg), image_size=size, max_len=cfg.max_len, **extra)
 
 
@@ -117,10 +118,10 @@ class Encoder(nn.Module):
             self.text_projection = nn.Linear(text_hidden, d)
         else:
             clip = build_clip(cfg)
-            self.dim = d = int(clip.config.projection_dim)
+            self.dim = d = int(clip.config.projection_dim)  # type: ignore[arg-type]  # typed int | None, set by default
             self.text_model = clip.text_model
             self.text_projection = clip.text_projection
-            text_hidden = clip.config.text_config.hidden_size
+            text_hidden = clip.config.text_config.hidden_size  # type: ignore[union-attr]  # a CLIPTextConfig once built
         # The release projects token states 512->512 and patch states 768->512, then LayerNorm.
         self.token_proj = nn.Sequential(nn.Linear(text_hidden, d), nn.LayerNorm(d))
         if cfg.use_images:

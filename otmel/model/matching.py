@@ -23,6 +23,7 @@ from otmel.config import ModelConfig
 from otmel.model.assign import Assignment, Mode
 from otmel.model.fusion import make_ca
 from otmel.model.pool import Pool
+from otmel.ot_factored import ScaledKernel
 
 
 def valid_prefix(mask: torch.Tensor) -> int:
@@ -73,7 +74,9 @@ class UnimodalMatcher(nn.Module):
         def chunk_scores(mask_e_c: torch.Tensor, x_e_c: torch.Tensor, *q: torch.Tensor) -> torch.Tensor:
             qe_c = {k: v.unsqueeze(0) for k, v in zip(keys, q, strict=True)}  # (1, c, Le, hidden)
             mask_e_c = mask_e_c.unsqueeze(0)  # (1, c, Le)
-            A = self.ca.assign_factored(qe_c, km_b, mask_e_c, mask_m_b) if factored else None
+            A: torch.Tensor | ScaledKernel | None = (
+                self.ca.assign_factored(qe_c, km_b, mask_e_c, mask_m_b) if factored else None
+            )
             if A is None:
                 A = self.ca.assign(qe_c, km_b, mask_e_c, mask_m_b, mode).A  # (Bm, c, Le, Lm)
             g = self.pool.from_assignment(A, km_b["h"], mask_e_c)  # (Bm, c, d)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -112,24 +112,31 @@ class OTMEL(nn.Module):
         if cfg.cls_only:  # the CLS-only baseline: pooled text (+ image) embeddings, no CA
             S = m.t @ e.t.t()
             if valid is not None:
+                assert m.v is not None and e.v is not None  # use_images: _encode sets v on both sides
                 S = (S + (m.v @ e.v.t()) * n_valid) / (1 + n_valid)
             return Scores(S_O=S, V_valid=valid)
         s = Scores(S_O=m.t.new_zeros(()), V_valid=valid)
+        total: torch.Tensor | float
+        count: torch.Tensor | float
         total, count = 0.0, 0.0
         if cfg.use_fusion:
+            assert m.g is not None and e.g is not None  # use_fusion: _encode sets g on both sides
             s.S_F = m.g @ e.g.t()
             total, count = total + s.S_F, count + 1
         if cfg.use_matching:
             qt = self._side(e, {"q": "q_t", "q_s": "q_t_s"})
             kt = self._side(m, {"k": "k_t", "h": "h_t", "k_s": "k_t_s"})
+            assert e.mask_t is not None and m.mask_t is not None  # _encode always sets mask_t
             s.S_T = self.match_t.scores(qt, e.mask_t, e.t, kt, m.mask_t, m.t, mode)
             total, count = total + s.S_T, count + 1
             if cfg.use_images:
                 qv = self._side(e, {"q": "q_v", "q_s": "q_v_s"})
                 kv = self._side(m, {"k": "k_v", "h": "h_v", "k_s": "k_v_s"})
+                # use_images: _encode sets v and mask_v on both sides
+                assert e.mask_v is not None and e.v is not None and m.mask_v is not None and m.v is not None
                 s.S_V = self.match_v.scores(qv, e.mask_v, e.v, kv, m.mask_v, m.v, mode) * n_valid
                 total, count = total + s.S_V, count + n_valid
-        s.S_O = total / count
+        s.S_O = cast(torch.Tensor, total / count)  # a tensor: every config has fusion or matching
         return s
 
     # -- training forward -------------------------------------------------------------------------------

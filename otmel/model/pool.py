@@ -11,7 +11,8 @@ sum_l w_l (A H)_l = (w^T A) H.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -36,7 +37,7 @@ class Pool(nn.Module):
         return torch.softmax(s, dim=-1) * m
 
     def _finish(self, pooled: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.norm(pooled) * mask.any(-1, keepdim=True)
+        return cast(torch.Tensor, self.norm(pooled) * mask.any(-1, keepdim=True))  # nn.Module calls are untyped
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x (..., L, d), mask (..., L) bool -> (..., d)."""
@@ -51,6 +52,8 @@ class Pool(nn.Module):
 
     def from_assignment(self, A: torch.Tensor | ScaledKernel, H: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Pool G = A H over its n rows: A (..., n, m) dense or factored, H (..., m, d), mask (..., n) -> (..., d)."""
+        mm: Callable[[torch.Tensor], torch.Tensor]
+        rmm: Callable[[torch.Tensor], torch.Tensor]
         if isinstance(A, ScaledKernel):
             mm, rmm, dtype = A.matmul, A.rmatmul, A.K.dtype
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -118,6 +119,9 @@ class RunSection:
     max_failures: int = 1  # worker failures tolerated (Ray Train FailureConfig)
     keep_checkpoints: int = 2
     ray_address: str | None = None  # None: join RAY_ADDRESS / the job's cluster, else start a local Ray
+    # "quiet": header, one progress bar and one line per epoch, the final table; worker output, Ray's report dumps
+    # and library warnings go to RUN_DIR/logs/ (otmel/train/console.py). "verbose": everything on the console.
+    console: Literal["quiet", "verbose"] = "quiet"
 
     def __post_init__(self) -> None:
         _require("run", {"max_failures": (self.max_failures >= -1, ">= -1 (-1: retry forever)"),
@@ -223,14 +227,15 @@ def _build(cls: type, d: dict[str, Any], where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "model_spec"}
     unknown = sorted(set(d) - set(fields))
     if unknown:
-        hints = "".join(did_you_mean(k, fields).replace("'", "'" + where, 1) if where else did_you_mean(k, fields)
-                        for k in unknown)
-        raise UnknownKeyError(f"unknown config key(s) {[where + k for k in unknown]}{hints}; known in "
+        suggestions = "".join(did_you_mean(k, fields).replace("'", "'" + where, 1) if where else did_you_mean(k, fields)
+                              for k in unknown)
+        raise UnknownKeyError(f"unknown config key(s) {[where + k for k in unknown]}{suggestions}; known in "
                               f"{where.rstrip('.') or 'the top level'}: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
-    kw = {}
+    kw: dict[str, Any] = {}
     for k, v in d.items():
-        sub = fields[k].default_factory if fields[k].default_factory is not dataclasses.MISSING else None
+        sub = typing.cast("Callable[[], Any] | None",  # `is not MISSING` does not narrow for mypy
+                          fields[k].default_factory if fields[k].default_factory is not dataclasses.MISSING else None)
         if sub is not None and dataclasses.is_dataclass(sub()):
             kw[k] = _build(type(sub()), v, f"{where}{k}.")
         else:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, overload
 
 import torch
 import torch.distributed as dist
@@ -50,6 +50,7 @@ def default_all_gather(tensor: torch.Tensor, with_grad: bool) -> list[torch.Tens
     FutureWarning on every call)."""
     world_size = dist.get_world_size()
     if with_grad:
+        assert dist.group.WORLD is not None  # set once initialised, which get_world_size() above requires
         return list(funcol.all_gather_single_autograd(tensor.contiguous(), 0, dist.group.WORLD).chunk(world_size))
     out = [torch.empty_like(tensor) for _ in range(world_size)]
     dist.all_gather(out, tensor.detach().contiguous())
@@ -133,6 +134,14 @@ def all_gather_tensor_uneven(t: torch.Tensor, world_size: int | None = None) -> 
     if world_size == 1:
         return t
     return _gather_padded(t, _gather_sizes(len(t), t.device, world_size))
+
+
+@overload
+def all_gather_uneven(bundle: torch.Tensor, world_size: int) -> torch.Tensor: ...
+
+
+@overload
+def all_gather_uneven(bundle: B_, world_size: int) -> B_: ...
 
 
 def all_gather_uneven(bundle: B_ | torch.Tensor, world_size: int) -> B_ | torch.Tensor:

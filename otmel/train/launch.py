@@ -65,25 +65,18 @@ def local_run_dir(cfg: RunConfig, run_name: str) -> Path:
     return Path(cfg.run.storage) / run_name
 
 
-def init_ray(cfg: RunConfig) -> None:
-    import ray
+def init_ray(cfg: RunConfig, extra_cpus: int = 0, concurrent: int = 1) -> None:
+    """Join the configured / job's cluster or start a local Ray with room for `concurrent` runs of `cfg`."""
+    from otmel.ray_runtime import start_ray
 
-    if ray.is_initialized():
-        return
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": _worker_env(cfg)}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    else:  # a local Ray; its dashboard listens on 127.0.0.1 only (it also serves the State API that Ray
-        # Train's placement-group cleaner polls; without it that cleaner warns every second)
-        need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-        ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env=runtime_env, log_to_driver=True)
+    start_ray(address=cfg.run.ray_address, cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker * concurrent
+              + extra_cpus, env_vars=_worker_env(cfg), verbose=cfg.run.console == "verbose")
 
 
-def build_trainer(cfg: RunConfig, run_name: str, callbacks: list[Any] | None = None) -> Any:
+def build_trainer(cfg: RunConfig, run_name: str, callbacks: list[Any] | None = None, console: Any = None) -> Any:
     """The TorchTrainer of one training run (`train_worker` on `cfg.scaling`); `callbacks` are Ray Train
-    `UserCallback`s, e.g. Tune's `TuneReportCallback` when the run is one trial of a sweep."""
+    `UserCallback`s, e.g. Tune's `TuneReportCallback` when the run is one trial of a sweep; `console` the
+    driver's progress queue (`otmel.train.console.DriverConsole.open_channel`), or None."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -92,7 +85,7 @@ def build_trainer(cfg: RunConfig, run_name: str, callbacks: list[Any] | None = N
     run_dir = local_run_dir(cfg, run_name)
     return TorchTrainer(
         train_worker,
-        train_loop_config={"run": cfg.to_dict(), "run_dir": str(run_dir)},
+        train_loop_config={"run": cfg.to_dict(), "run_dir": str(run_dir), "console": console},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
@@ -134,9 +127,31 @@ def run_trainer(trainer: Any, cfg: RunConfig, run_name: str) -> dict[str, Any]:
     return results
 
 
-def fit(cfg: RunConfig, run_name: str) -> dict[str, Any]:
-    """Run the TorchTrainer; returns results (also written to RUN_DIR/results.json)."""
-    return run_trainer(build_trainer(cfg, run_name), cfg, run_name)
+def fit(cfg: RunConfig, run_name: str, *, show_epochs: bool = False) -> dict[str, Any]:
+    """Run the TorchTrainer; returns results (also written to RUN_DIR/results.json). Quiet console
+    (`run.console`): worker output goes to RUN_DIR/logs/; with `show_epochs`, a progress bar and one line per
+    epoch on this console."""
+    from otmel.train.console import DriverConsole
+
+    con = DriverConsole(local_run_dir(cfg, run_name), cfg.train.epochs, verbose=cfg.run.console == "verbose")
+    con.capture_logs()
+    try:
+        init_ray(cfg)  # a no-op when the caller (or an earlier run of a study) started Ray
+        channel = con.open_channel() if show_epochs else None
+        return run_trainer(build_trainer(cfg, run_name, console=channel), cfg, run_name)
+    finally:
+        con.close()
+
+
+def header(cfg: RunConfig, run_name: str, config: str | None) -> str:
+    """The run's header: what runs where."""
+    strategy = cfg.train.strategy + (f" ({Path(cfg.train.deepspeed_config).stem})"
+                                     if cfg.train.strategy == "deepspeed" else "")
+    return (f"otmel train: run {run_name} | config {config or DEFAULT_CONFIG} | model {cfg.model.variant} | "
+            f"{cfg.scaling.num_workers} worker(s) x {cfg.scaling.cpus_per_worker} CPU"
+            f"{' + GPU' if cfg.scaling.use_gpu else ''} | {strategy} | {cfg.train.epochs} epochs, batch "
+            f"{cfg.train.batch_size}/worker, negatives {cfg.train.negatives}\n"
+            f"logs: {local_run_dir(cfg, run_name) / 'logs'} (otmel train --verbose: on the console)")
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -160,8 +175,8 @@ def main(config: str | None = None, overrides: list[str] | None = None, resume: 
     run_name = cfg.run.name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     prepare_data(cfg)
     _absolute(cfg)
-    init_ray(cfg)
-    results = fit(cfg, run_name)
+    print(header(cfg, run_name, config), flush=True)
+    results = fit(cfg, run_name, show_epochs=True)
     print("\n" + format_table(results["metrics"]))
     print(f"\nrun directory: {results['run_dir']}\nresults:       {results['run_dir']}/results.json"
           f"\ncheckpoint:    {results['checkpoint']}\nwall time:     {results['wall_seconds']:.0f} s")

@@ -14,12 +14,12 @@ import os
 import random
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from otmel.data.loaders import eval_loader, kg_loader, train_loader
 from otmel.data.manifest import split_counts
@@ -28,6 +28,7 @@ from otmel.model import OTMEL
 from otmel.model.encoder import build_preprocessor
 from otmel.train.checkpoint import load_checkpoint, load_extra, save_checkpoint
 from otmel.train.config import RunConfig
+from otmel.train.console import WorkerConsole
 from otmel.train.distributed import entity_pool_for
 from otmel.train.engine import Engine
 from otmel.train.evaluate import encode_kg, evaluate_split
@@ -88,102 +89,148 @@ class Evaluator:
         return out
 
 
-def train_worker(loop_config: dict[str, Any]) -> None:
-    import ray.train
+@dataclass
+class TrainState:
+    """Where a run is; checkpointed as state.json (with the run config) and restored on resume."""
 
-    cfg = RunConfig.from_dict(loop_config["run"])
-    run_dir = Path(loop_config["run_dir"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_flush_denormal(True)  # CPU: denormal floats in Sinkhorn plans cost 5-50x per op
-    torch.set_num_threads(max(1, cfg.scaling.cpus_per_worker))
-    seed_everything(cfg.train.seed)  # identical initial weights on every rank
+    epoch: int = 0  # epochs finished
+    step_in_epoch: int = 0  # batches of the current epoch consumed (a mid-epoch checkpoint)
+    global_step: int = 0
+    best_mrr: float = -1.0  # best dev MRR so far and the epoch it was reached (1-based; -1: none yet)
+    best_epoch: int = -1
+    history: list[dict[str, float]] = field(default_factory=list)  # every epoch's metrics
 
-    mcfg = cfg.model_config()
-    model = OTMEL(mcfg)
-    pre = build_preprocessor(mcfg)
-    steps = steps_per_epoch(cfg, world)
-    engine = Engine(model, cfg.train, steps * cfg.train.epochs, world, cfg.scaling.use_gpu)
-    loss_fn = OTMELLoss(mcfg.kd, mcfg.kd_weight, mcfg.kd_target)
-    pool = entity_pool_for(cfg.train.negatives, rank, world, gather_with_grad=cfg.train.gather_with_grad)
-    evaluate = Evaluator(cfg, pre, rank, world)
-    config_dict = cfg.to_dict()
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
-    st: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_mrr": -1.0, "best_epoch": -1,
-                          "history": []}
-    best: dict[str, torch.Tensor] | None = None
-    hard = HardNegativeSchedule(cfg, pre, rank, world) if cfg.train.hard_negatives != "none" else None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+
+class Worker:
+    """One Ray Train worker's run: resume, then per epoch train + validate + report, then test."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, channel: Any | None) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.cfg, self.run_dir = cfg, run_dir
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.console = WorkerConsole(channel, self.rank, run_dir, cfg.train.progress, cfg.run.console == "quiet")
+        self.console.redirect_output()
+        torch.set_flush_denormal(True)  # CPU: denormal floats in Sinkhorn plans cost 5-50x per op
+        torch.set_num_threads(max(1, cfg.scaling.cpus_per_worker))
+        seed_everything(cfg.train.seed)  # identical initial weights on every rank
+        self.model = OTMEL(cfg.model)
+        self.pre = build_preprocessor(cfg.model)
+        self.steps = steps_per_epoch(cfg, self.world)
+        self.engine = Engine(self.model, cfg.train, self.steps * cfg.train.epochs, self.world, cfg.scaling.use_gpu)
+        self.loss_fn = OTMELLoss(cfg.model.kd, cfg.model.kd_weight, cfg.model.kd_target)
+        self.pool = entity_pool_for(cfg.train.negatives, self.rank, self.world,
+                                    gather_with_grad=cfg.train.gather_with_grad)
+        self.evaluate = Evaluator(cfg, self.pre, self.rank, self.world)
+        self.hard = (HardNegativeSchedule(cfg, self.pre, self.rank, self.world)
+                     if cfg.train.hard_negatives != "none" else None)
+        self.state, self.best = TrainState(), None
+        self.config_dict = cfg.to_dict()
+        self.tracker: Tracker | None = None
+
+    def resume(self) -> None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return
         with ckpt.as_directory() as d:
-            st, best = load_checkpoint(Path(d), rank=rank, model=model, engine=engine)
-            if hard is not None:
-                hard.restore(load_extra(Path(d)))
-    tracker = Tracker(cfg.wandb, enabled=rank == 0, name=run_dir.name, config=config_dict,
-                      directory=str(run_dir / "wandb"))
+            st, self.best = load_checkpoint(Path(d), rank=self.rank, model=self.model, engine=self.engine)
+            self.state = TrainState.from_dict(st)
+            if self.hard is not None:
+                self.hard.restore(load_extra(Path(d)))
 
-    def report(metrics: dict[str, float]) -> None:
+    def report(self, metrics: dict[str, float]) -> None:
+        """Checkpoint (every rank writes its files) and report: a barrier every rank reaches equally often."""
+        import ray.train
+
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(Path(tmp), rank=rank, model=model, engine=engine, state=st, best=best,
-                            config=config_dict, extra=hard.state_tensors() if hard is not None else None)
+            save_checkpoint(Path(tmp), rank=self.rank, model=self.model, engine=self.engine,
+                            state=asdict(self.state), best=self.best, config=self.config_dict,
+                            extra=self.hard.state_tensors() if self.hard is not None else None)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    engine.train()
-    for epoch in range(st["epoch"], cfg.train.epochs):
-        hard_stats = hard.start_epoch(model, epoch) if hard is not None else {}
-        loader = train_loader(
-            Path(cfg.data.shards), pre, batch_size=cfg.train.batch_size, steps_per_epoch=steps, epoch=epoch,
-            seed=cfg.train.seed, rank=rank, world_size=world, num_workers=cfg.data.num_workers,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-        )
-        skip = st["step_in_epoch"]
-        bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                   disable=rank != 0 or not cfg.train.progress, mininterval=2.0)
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """The epoch's steps on the seeded stream of (seed, epoch, rank), skipping those a checkpoint had done."""
+        cfg, st = self.cfg, self.state
+        hard_stats = self.hard.start_epoch(self.model, epoch) if self.hard is not None else {}
+        loader = train_loader(Path(cfg.data.shards), self.pre, batch_size=cfg.train.batch_size,
+                              steps_per_epoch=self.steps, epoch=epoch, seed=cfg.train.seed, rank=self.rank,
+                              world_size=self.world, num_workers=cfg.data.num_workers,
+                              shuffle_buffer=cfg.data.shuffle_buffer)
+        skip = st.step_in_epoch
+        self.console.start_epoch(epoch, cfg.train.epochs, self.steps, skip)
         sums: dict[str, float] = {}
         t0, n_samples = time.perf_counter(), 0
         for i, batch in enumerate(loader):
             if i < skip:
                 continue  # the batches consumed before the checkpoint we resumed from
-            _maybe_inject_fault(cfg, st["global_step"], rank, world, run_dir)
-            if hard is not None:
-                batch = hard.augment(batch, epoch, i)
-            terms = loss_fn(**engine(batch, entity_pool=pool))
-            engine.step(terms["loss"])
-            st["global_step"] += 1
-            st["step_in_epoch"] = i + 1
-            n_samples += len(batch["m_index"]) * world
+            _maybe_inject_fault(cfg, st.global_step, self.rank, self.world, self.run_dir)
+            if self.hard is not None:
+                batch = self.hard.augment(batch, epoch, i)
+            terms = self.loss_fn(**self.engine(batch, entity_pool=self.pool))
+            self.engine.step(terms["loss"])
+            st.global_step, st.step_in_epoch = st.global_step + 1, i + 1
+            n_samples += len(batch["m_index"]) * self.world
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(terms['loss'].detach()):.3f}", refresh=False)
-            if rank == 0 and st["global_step"] % 10 == 0:
-                tracker.log({f"train/{k}": float(v.detach()) for k, v in terms.items()} | {"train/lr": engine.lr},
-                            st["global_step"])
-            if cfg.train.checkpoint_every and (i + 1) % cfg.train.checkpoint_every == 0 and i + 1 < steps:
-                report({"epoch": epoch, "global_step": st["global_step"]})
-        bar.close()
-        seconds = time.perf_counter() - t0
-        done = max(1, steps - skip)
-        metrics: dict[str, float] = {f"train/{k}": v / done for k, v in sums.items()}
-        metrics.update({"epoch": epoch + 1, "global_step": st["global_step"], "train/lr": engine.lr,
-                        "train/samples_per_s": n_samples / max(seconds, 1e-9)} | hard_stats)
-        st["epoch"], st["step_in_epoch"] = epoch + 1, 0
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            metrics.update(evaluate(model, ["dev"]))
-            if metrics["dev/MRR"] > st["best_mrr"]:
-                st["best_mrr"], st["best_epoch"] = metrics["dev/MRR"], epoch + 1
-                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        st["history"].append(metrics)
-        if rank == 0:
-            tracker.log(metrics, st["global_step"])
-        report(metrics)
+            self.console.step(float(terms["loss"].detach()))
+            if self.tracker is not None and st.global_step % 10 == 0:
+                self.tracker.log({f"train/{k}": float(v.detach()) for k, v in terms.items()}
+                                 | {"train/lr": self.engine.lr}, st.global_step)
+            if cfg.train.checkpoint_every and (i + 1) % cfg.train.checkpoint_every == 0 and i + 1 < self.steps:
+                self.report({"epoch": epoch, "global_step": st.global_step})
+        done = max(1, self.steps - skip)
+        metrics = {f"train/{k}": v / done for k, v in sums.items()}
+        metrics.update({"epoch": epoch + 1, "global_step": st.global_step, "train/lr": self.engine.lr,
+                        "train/samples_per_s": n_samples / max(time.perf_counter() - t0, 1e-9)} | hard_stats)
+        st.epoch, st.step_in_epoch = epoch + 1, 0
+        return metrics
 
-    # Test with the best checkpoint (by dev MRR).
-    if best is not None:
-        model.load_state_dict(best)
-    final = evaluate(model, ["dev", "test"])
-    final.update({"best_epoch": st["best_epoch"], "global_step": st["global_step"], "final": 1})
-    if rank == 0:
-        tracker.log({f"final/{k}": v for k, v in final.items()}, st["global_step"])
-    tracker.finish()
-    report(final)
+    def validate(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Dev metrics every `eval_every` epochs and after the last; keeps the best-dev-MRR weights."""
+        if (epoch + 1) % self.cfg.train.eval_every and epoch + 1 != self.cfg.train.epochs:
+            return
+        metrics.update(self.evaluate(self.model, ["dev"]))
+        if metrics["dev/MRR"] > self.state.best_mrr:
+            self.state.best_mrr, self.state.best_epoch = metrics["dev/MRR"], epoch + 1
+            self.best = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def test(self) -> dict[str, float]:
+        """Dev and test with the best checkpoint (by dev MRR)."""
+        if self.best is not None:
+            self.model.load_state_dict(self.best)
+        final = self.evaluate(self.model, ["dev", "test"])
+        final.update({"best_epoch": self.state.best_epoch, "global_step": self.state.global_step, "final": 1})
+        return final
+
+    def run(self) -> None:
+        self.resume()
+        self.tracker = Tracker(self.cfg.wandb, enabled=self.rank == 0, name=self.run_dir.name,
+                               config=self.config_dict, directory=str(self.run_dir / "wandb"))
+        self.engine.train()
+        for epoch in range(self.state.epoch, self.cfg.train.epochs):
+            metrics = self.train_epoch(epoch)
+            self.validate(epoch, metrics)
+            self.state.history.append(metrics)
+            if self.rank == 0:
+                self.tracker.log(metrics, self.state.global_step)
+            self.console.end_epoch(metrics)
+            self.report(metrics)
+        final = self.test()
+        if self.rank == 0:
+            self.tracker.log({f"final/{k}": v for k, v in final.items()}, self.state.global_step)
+        self.tracker.finish()
+        self.report(final)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """The function Ray Train runs on every worker: `loop_config` = {"run": RunConfig dict, "run_dir": str,
+    "console": the driver's progress queue or None}."""
+    cfg = RunConfig.from_dict(loop_config["run"])
+    Worker(cfg, Path(loop_config["run_dir"]), loop_config.get("console")).run()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from otmel.train.sweep_results import load_rows
 
@@ -23,7 +23,7 @@ def resolve_sweep(run: str, storage: str = "runs") -> Path:
 
 def _series(rows: list[dict[str, Any]], x_key: str, status: str, split: str) -> dict[str, list[float]]:
     pts = sorted((r for r in rows if r["status"] == status and isinstance(_x(r, x_key), float)),
-                 key=lambda r: _x(r, x_key))
+                 key=lambda r: cast(float, _x(r, x_key)))  # a float: filtered above
     return {"x": [_x(r, x_key) for r in pts], **{m: [100 * r.get(f"{split}/{m}", math.nan) for r in pts]
                                                   for m in ("H@1", "MRR")}}
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from otmel.analysis.study_tables import study_markdown
 from otmel.train.config import load_config
-from otmel.train.launch import DEFAULT_CONFIG, _absolute, fit, init_ray, prepare_data
+from otmel.train.launch import DEFAULT_CONFIG, _absolute, fit, prepare_data
 
 
 def _append_line(path: Path, obj: dict[str, Any]) -> None:
@@ -108,7 +108,6 @@ def run_study(config: str | None, overrides: list[str] | None, *, name: str, var
     print(f"[otmel] study {name}: {len(done)} trial(s) done, {len(todo)} to run -> {study}", flush=True)
     prepare_data(cfg)
     _absolute(cfg)
-    init_ray(cfg)
     for v, s in todo:
         trial_ov = [*overrides, f"model.variant={v}", f"train.seed={s}", f"run.storage={study / 'runs'}"]
         tcfg = load_config(config, trial_ov)

@@ -10,7 +10,7 @@ import contextlib
 import netrc
 import os
 import warnings
-from typing import Any
+from typing import Any, Literal, cast
 
 from otmel.train.config import WandbConfig
 
@@ -46,7 +46,9 @@ class Tracker:
             os.makedirs(directory, exist_ok=True)
             self.run = wandb.init(
                 project=cfg.project, group=cfg.group, name=name, id=name, resume="allow", config=config,
-                dir=directory, mode=mode, settings=wandb.Settings(init_timeout=60, silent=True),
+                dir=directory,
+                mode=cast("Literal['online', 'offline', 'disabled', 'shared']", mode),  # WANDB_MODE as written
+                settings=wandb.Settings(init_timeout=60, silent=True),
             )
         except Exception as exc:  # noqa: BLE001 - tracking is best effort by design
             warnings.warn(f"W&B could not start ({type(exc).__name__}: {exc}); continuing without it", stacklevel=2)

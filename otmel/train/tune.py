@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import yaml
 
 from otmel.train.config import RunConfig, _set_dotted, load_config
-from otmel.train.launch import DEFAULT_CONFIG, _absolute, _worker_env, prepare_data
+from otmel.train.launch import DEFAULT_CONFIG, _absolute, prepare_data
 from otmel.train.sweep_results import rank_rows, rows_from_grid, unfinished, write_sweep_outputs
 
 DRIVER_CPUS = 0.1  # the trial driver only waits on its TorchTrainer; `with_resources(..., {"cpu": 0})` fails
@@ -108,6 +109,7 @@ def to_tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Sweep-file domains as Ray Tune search-space objects."""
     from ray import tune
 
+    make: dict[str, Callable[[Any], Any]]
     make = {"loguniform": lambda a: tune.loguniform(float(a[0]), float(a[1])),
             "uniform": lambda a: tune.uniform(float(a[0]), float(a[1])),
             "randint": lambda a: tune.randint(int(a[0]), int(a[1])),
@@ -149,20 +151,28 @@ def trial_driver(config: dict[str, Any]) -> None:
 
 def init_ray_for_trials(cfg: RunConfig, concurrent: int) -> None:
     """Join RAY_ADDRESS / run.ray_address, or start a local Ray with room for `concurrent` trials (each
-    `num_workers * cpus_per_worker` CPUs plus a fractional driver)."""
-    import ray
+    `num_workers * cpus_per_worker` CPUs plus a fractional driver: +1 logical CPU, the drivers sleep while their
+    trainers run)."""
+    from otmel.train.launch import init_ray
 
-    if ray.is_initialized():
-        return
-    runtime_env = {"env_vars": _worker_env(cfg)}
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-        return
-    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker * concurrent
-    # +1 logical CPU for the drivers (they sleep while their trainers run)
-    ray.init(num_cpus=max(need, os.cpu_count() or 1) + 1, include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env=runtime_env, log_to_driver=True)
+    init_ray(cfg, extra_cpus=1, concurrent=concurrent)
+
+
+def trial_lines(metric: str) -> Any:
+    """A Tune callback (it runs in this driver process) printing one line per finished or failed trial."""
+    from ray.tune import Callback
+
+    class TrialLines(Callback):  # type: ignore[misc]
+        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            val = (trial.last_result or {}).get(metric)
+            print(f"[otmel] trial {trial.trial_id} done: {trial.config.get('params')} {metric} "
+                  f"{'–' if val is None else f'{100 * val:.2f}'}", flush=True)
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            print(f"[otmel] trial {trial.trial_id} FAILED: {trial.config.get('params')} (its log: "
+                  f"{trial.local_path})", flush=True)
+
+    return TrialLines()
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -179,6 +189,7 @@ def run_trials(
     from ray import tune
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # reports without dev/MRR (mid-epoch)
+    verbose = base.run.console == "verbose"
     storage = f"{base.run.storage.rstrip('/')}/sweeps"  # a local path or a URI such as s3://bucket/runs
     exp_uri = f"{storage}/{name}"
     driver = tune.with_resources(trial_driver, {"cpu": DRIVER_CPUS})
@@ -195,7 +206,8 @@ def run_trials(
         tune_config = {"trial_dirname_creator": _trial_dirname, **tune_config}
         tuner = tune.Tuner(
             driver, param_space=space, tune_config=tune.TuneConfig(**tune_config),
-            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1 if verbose else 0,
+                                      callbacks=[trial_lines("dev/MRR")]),
         )
     grid = tuner.fit()
     # the tables / best.yaml are written locally: into the experiment directory, or for a remote storage

@@ -1,0 +1,35 @@
+"""Starting Ray for a command: the one start-up shared by train / study / tune / ablate / index.
+
+`start_ray` joins a cluster (`address`, or the RAY_ADDRESS a `ray job submit` sets) or starts a local Ray whose
+dashboard listens on 127.0.0.1 only. Quiet by default: Ray's INFO start-up lines and the workers' output stay in
+Ray's (and the run's) log files; `verbose=True` forwards worker output to the console as Ray normally does.
+This module and the Ray-facing parts of `otmel/train/` and `otmel/link/index.py` are the only ones that import Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+def start_ray(*, address: str | None = None, cpus: int = 1, env_vars: dict[str, str] | None = None,
+              verbose: bool = False, dashboard: bool = True) -> bool:
+    """Initialise Ray unless it already is; returns whether this call started it. A local Ray gets
+    max(`cpus`, the machine's CPUs) logical CPUs. The local dashboard (which also serves the State API that Ray
+    Train's placement-group cleaner polls) is bound to 127.0.0.1; `dashboard=False` for short-lived helpers."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kw = {"runtime_env": {"env_vars": dict(env_vars or {})}, "log_to_driver": verbose,
+          "logging_level": logging.INFO if verbose else logging.WARNING}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        ray.init(num_cpus=max(cpus, os.cpu_count() or 1), include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 **kw)
+    return True
+
+
+__all__ = ["start_ray"]

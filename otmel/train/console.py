@@ -1,0 +1,213 @@
+"""What a training run shows on the console, and where everything else goes.
+
+Quiet (the default, `run.console: quiet`): the driver prints the run's header, one progress bar per epoch (fed by
+rank 0 through a small Ray queue actor: the workers are other processes, possibly on other nodes), one summary
+line per epoch and the final table. Everything else — Ray's worker-prefixed output, Ray Train's report dumps,
+DeepSpeed and library warnings — goes to log files in the run directory: `logs/driver.log` (the driver's Ray
+logs and Python warnings) and `logs/worker-rank{R}.log` (each worker's whole stdout / stderr, redirected at the
+file-descriptor level so C-level and subprocess output are caught too).
+
+Verbose (`otmel train --verbose`, `run.console: verbose`): Ray forwards every worker's output to the driver as
+usual and rank 0 draws its own tqdm bar, as before this module existed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+LOG_DIR = "logs"
+_THROTTLE_S = 1.0  # at most one progress event per second from rank 0
+
+
+def format_epoch_line(metrics: dict[str, Any], epochs: int) -> str:
+    """ "epoch 2/6  loss 1.2345  128.4 samples/s  dev H@1 70.12  MRR 80.22" (dev only when validated)."""
+    line = (f"epoch {int(metrics['epoch'])}/{epochs}  loss {metrics.get('train/loss', float('nan')):.4f}  "
+            f"{metrics.get('train/samples_per_s', 0.0):.1f} samples/s")
+    if "dev/MRR" in metrics:
+        line += f"  dev H@1 {100 * metrics['dev/H@1']:.2f}  MRR {100 * metrics['dev/MRR']:.2f}"
+    return line
+
+
+# ------------------------------------------------------------------------------------------------ worker side
+
+
+class WorkerConsole:
+    """A worker's side: progress events to the driver's queue (rank 0) when there is one; a local tqdm bar on a
+    verbose console; nothing on a quiet one without a queue (a trial of a sweep or study)."""
+
+    def __init__(self, channel: Any | None, rank: int, run_dir: Path, progress: bool, quiet: bool) -> None:
+        self.channel, self.rank, self.run_dir, self.quiet = channel, rank, run_dir, quiet
+        self.progress = progress and rank == 0 and (channel is not None or not quiet)
+        self._bar: tqdm | None = None
+        self._last = 0.0
+        self._pending = 0
+
+    def redirect_output(self) -> None:
+        """Quiet console only: this worker's stdout / stderr (file descriptors 1 and 2) go to its log file."""
+        if not self.quiet:
+            return
+        log = self.run_dir / LOG_DIR / f"worker-rank{self.rank}.log"
+        try:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError:  # an unwritable run directory on this node: keep Ray's own worker logs
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+
+    def _send(self, event: tuple[Any, ...]) -> None:
+        with contextlib.suppress(Exception):  # a full or vanished queue never stops training
+            self.channel.put_nowait(event)
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int, initial: int) -> None:
+        if not self.progress:
+            return
+        if self.channel is not None:
+            self._send(("epoch_start", epoch, epochs, steps, initial))
+        else:
+            self._bar = tqdm(total=steps, initial=initial, desc=f"epoch {epoch + 1}/{epochs}", mininterval=2.0)
+
+    def step(self, loss: float) -> None:
+        if not self.progress:
+            return
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            return
+        self._pending += 1
+        now = time.monotonic()
+        if now - self._last >= _THROTTLE_S:
+            self._send(("step", self._pending, loss))
+            self._pending, self._last = 0, now
+
+    def end_epoch(self, metrics: dict[str, Any]) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self.progress and self.channel is not None:
+            if self._pending:
+                self._send(("step", self._pending, float(metrics.get("train/loss", float("nan")))))
+                self._pending = 0
+            self._send(("epoch_end", {k: v for k, v in metrics.items() if isinstance(v, int | float)}))
+
+
+# ------------------------------------------------------------------------------------------------ driver side
+
+
+class DriverConsole:
+    """The driver's side of a quiet console: logs to files, a queue for rank 0's events, a thread drawing them."""
+
+    def __init__(self, run_dir: Path, epochs: int, verbose: bool = False, stream: Any = None) -> None:
+        self.run_dir, self.epochs, self.verbose = run_dir, epochs, verbose
+        self.stream = stream or sys.stdout
+        self.queue: Any | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._bar: tqdm | None = None
+        self._handlers: list[tuple[logging.Logger, logging.Handler]] = []
+        self._quieted: list[tuple[logging.Handler, int]] = []
+
+    def print(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def capture_logs(self) -> None:
+        """Quiet: the driver's Ray / Python-warning logs go to RUN_DIR/logs/driver.log (console: errors only)."""
+        if self.verbose:
+            return
+        log = self.run_dir / LOG_DIR / "driver.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logging.captureWarnings(True)
+        warnings.simplefilter("default")
+        for name in ("ray", "py.warnings", "deepspeed"):
+            lg = logging.getLogger(name)
+            lg.addHandler(handler)
+            self._handlers.append((lg, handler))
+            for h in lg.handlers:
+                if h is not handler and isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                    self._quieted.append((h, h.level))
+                    h.setLevel(logging.ERROR)
+        logging.getLogger("py.warnings").propagate = False
+
+    def open_channel(self) -> Any | None:
+        """The queue actor rank 0 writes its progress to (quiet console only; needs Ray to be initialised)."""
+        if self.verbose:
+            return None
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self._thread = threading.Thread(target=self._drain, name="otmel-console", daemon=True)
+        self._thread.start()
+        return self.queue
+
+    def _drain(self) -> None:
+        from ray.util.queue import Empty
+
+        assert self.queue is not None
+        while not self._stop.is_set():
+            try:
+                event = self.queue.get(block=True, timeout=0.5)
+            except Empty:
+                continue
+            except Exception:  # the actor is gone (Ray shut down): nothing more to draw
+                return
+            self.handle(event)
+
+    def handle(self, event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        if kind == "epoch_start":
+            _, epoch, epochs, steps, initial = event
+            self._close_bar()
+            self._bar = tqdm(total=steps, initial=initial, desc=f"epoch {epoch + 1}/{epochs}", file=self.stream,
+                             mininterval=0.5, leave=False)
+        elif kind == "step" and self._bar is not None:
+            self._bar.update(event[1])
+            self._bar.set_postfix(loss=f"{event[2]:.3f}", refresh=False)
+        elif kind == "epoch_end":
+            self._close_bar()
+            self.print(format_epoch_line(event[1], self.epochs))
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def close(self) -> None:
+        """Drain what is left, stop the thread, restore the console handlers."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.queue is not None:
+            from ray.util.queue import Empty
+
+            with contextlib.suppress(Empty, Exception):  # drained, or the actor is gone
+                while True:
+                    self.handle(self.queue.get_nowait())
+            with contextlib.suppress(Exception):
+                self.queue.shutdown()
+        self._close_bar()
+        for h, level in self._quieted:
+            h.setLevel(level)
+        for lg, h in self._handlers:
+            lg.removeHandler(h)
+        for h in {h for _, h in self._handlers}:
+            h.close()
+        self._handlers.clear()
+        self._quieted.clear()
+
+
+__all__ = ["DriverConsole", "LOG_DIR", "WorkerConsole", "format_epoch_line"]
