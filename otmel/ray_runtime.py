@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 
 def start_ray(*, address: str | None = None, cpus: int = 1, env_vars: dict[str, str] | None = None,
@@ -21,7 +22,7 @@ def start_ray(*, address: str | None = None, cpus: int = 1, env_vars: dict[str, 
 
     if ray.is_initialized():
         return False
-    kw = {"runtime_env": {"env_vars": dict(env_vars or {})}, "log_to_driver": verbose,
+    kw: dict[str, Any] = {"runtime_env": {"env_vars": dict(env_vars or {})}, "log_to_driver": verbose,
           "logging_level": logging.INFO if verbose else logging.WARNING}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:

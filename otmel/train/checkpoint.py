@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from otmel.io import atomic_path
 from otmel.train.engine import Engine, load_state_file, save_state_file
 
 MODEL, BEST, STATE = "model.safetensors", "best.safetensors", "state.json"
@@ -31,9 +32,8 @@ EXTRA = "extra.safetensors"  # run-level tensors beside the weights (e.g. the mi
 
 
 def _atomic_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def _atomic_json(obj: Any, path: Path) -> None:

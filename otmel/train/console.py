@@ -70,6 +70,7 @@ class WorkerConsole:
 
     def _send(self, event: tuple[Any, ...]) -> None:
         with contextlib.suppress(Exception):  # a full or vanished queue never stops training
+            assert self.channel is not None  # callers check
             self.channel.put_nowait(event)
 
     def start_epoch(self, epoch: int, epochs: int, steps: int, initial: int) -> None:

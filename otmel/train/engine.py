@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from otmel.io import atomic_path
 from otmel.train.config import TrainConfig
 
 
@@ -145,9 +146,8 @@ def _plain(obj: Any) -> Any:
 
 def save_state_file(obj: Any, path: Path) -> None:
     """torch.save to a temp name, then rename: a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_state_file(path: Path) -> Any:

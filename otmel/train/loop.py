@@ -129,6 +129,7 @@ class Worker:
         self.evaluate = Evaluator(cfg, self.pre, self.rank, self.world)
         self.hard = (HardNegativeSchedule(cfg, self.pre, self.rank, self.world)
                      if cfg.train.hard_negatives != "none" else None)
+        self.best: dict[str, torch.Tensor] | None  # the best-dev-MRR weights so far
         self.state, self.best = TrainState(), None
         self.config_dict = cfg.to_dict()
         self.tracker: Tracker | None = None

@@ -162,7 +162,7 @@ def trial_lines(metric: str) -> Any:
     """A Tune callback (it runs in this driver process) printing one line per finished or failed trial."""
     from ray.tune import Callback
 
-    class TrialLines(Callback):  # type: ignore[misc]
+    class TrialLines(Callback):
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
             val = (trial.last_result or {}).get(metric)
             print(f"[otmel] trial {trial.trial_id} done: {trial.config.get('params')} {metric} "
