@@ -31,8 +31,8 @@ import torch  # noqa: E402
 from otmel.loss import OTMELLoss  # noqa: E402
 from otmel.model import OTMEL  # noqa: E402
 from otmel.model.encoder import build_preprocessor  # noqa: E402
-from otmel.train.config import load_config  # noqa: E402
-from otmel.train.engine import Engine  # noqa: E402
+from otmel.runconfig import load_config  # noqa: E402
+from otmel.train.worker.engine import Engine  # noqa: E402
 
 OVR = ["model.tiny_width=64", "data.num_workers=1", "train.batch_size=32", "train.strategy=ddp",
        "train.epochs=1", "train.progress=false", "wandb.enabled=false"]
@@ -60,7 +60,7 @@ def plain_loop(shards: Path, steps: int) -> float:
 
 
 def ray_loop(shards: Path, steps: int, storage: Path) -> float:
-    from otmel.train.launch import main
+    from otmel.train.driver.launch import main
 
     res = main(str(ROOT / "configs/synth.yaml"),
                [f"data.shards={shards}", *OVR, "scaling.num_workers=1", f"train.steps_per_epoch={steps}",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from otmel.cli import build_parser
-from otmel.train.ablate import ablation_csv, ablation_markdown, aggregate, orderings, write_ablation_outputs
+from otmel.train.driver.ablate import ablation_csv, ablation_markdown, aggregate, orderings, write_ablation_outputs
 
 
 def _row(variant: str, seed: int, h1: float | None, mrr: float | None, status: str = "done") -> dict:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from jsonschema.exceptions import ValidationError
 
-from otmel.train.config import load_config
+from otmel.runconfig import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"

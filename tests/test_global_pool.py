@@ -1,4 +1,4 @@
-"""The global negative pool (`otmel.train.distributed`): gathers, and data parallelism == one big batch.
+"""The global negative pool (`otmel.train.worker.distributed`): gathers, and data parallelism == one big batch.
 
 The distributed tests run ONE real 2-process gloo group (module fixture `dp_run`, spawned processes) that
 computes everything the tests below check, so the process start-up (~5 s) is paid once.
@@ -13,7 +13,7 @@ import torch.distributed as dist
 from otmel.loss import OTMELLoss, exclusion_mask
 from otmel.model import OTMEL, EntityFeatures
 from otmel.model.features import MentionFeatures
-from otmel.train.distributed import (
+from otmel.train.worker.distributed import (
     all_gather_tensor_uneven,
     all_gather_uneven,
     entity_pool_for,

@@ -24,12 +24,12 @@ from otmel.data.hard_negatives import (
 from otmel.data.loaders import eval_loader, kg_loader, train_loader
 from otmel.data.manifest import KG, num_entities, read_manifest, shard_infos, split_counts
 from otmel.data.shards import iter_shard
-from otmel.link.scoring import first_stage_scores
 from otmel.loss import OTMELLoss, exclusion_mask
 from otmel.model import OTMEL
 from otmel.model.encoder import build_preprocessor
-from otmel.train.config import load_config
-from otmel.train.mining import combine_tables, mine_hard_negatives
+from otmel.model.first_stage import first_stage_scores
+from otmel.runconfig import load_config
+from otmel.train.worker.mining import combine_tables, mine_hard_negatives
 from tests.gloo_helpers import spawn_and_join
 from tests.ray_helpers import synth_shards
 

@@ -32,11 +32,11 @@ from otmel.link import (
     save_model_checkpoint,
 )
 from otmel.link.evaluate import encode_mentions, evaluate, format_eval, read_split
-from otmel.link.scoring import first_stage_scores, stable_topk
 from otmel.metrics import gold_ranks, metrics_from_ranks
 from otmel.model import OTMEL
 from otmel.model.encoder import build_preprocessor
-from otmel.train.evaluate import evaluate_split
+from otmel.model.first_stage import first_stage_scores, stable_topk
+from otmel.train.worker.evaluate import evaluate_split
 from tests.model_helpers import tiny_cfg
 from tests.ray_helpers import synth_shards
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from otmel.analysis.sharpness import checkpoint_plan_summary
 from otmel.cli import main
 from otmel.model import OTMEL
-from otmel.train.config import load_config
+from otmel.runconfig import load_config
 from tests.ray_helpers import synth_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def test_plans_command_reports_every_module(run: Path, tmp_path: Path, capsys: p
 
 def test_what_ifs_order_by_reg(run: Path) -> None:
     res = json.loads((run / "results.json").read_text())
-    from otmel.train.config import RunConfig
+    from otmel.runconfig import RunConfig
 
     out = checkpoint_plan_summary(RunConfig.from_dict(res["config"]), Path(res["checkpoint"]), 8, 8)
     for mod, row in out.items():

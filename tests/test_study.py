@@ -13,7 +13,7 @@ import pytest
 from otmel.analysis.stats import paired, sign_flip_p, summarize, t_cdf, t_quantile
 from otmel.analysis.study_tables import model_table, paired_table, plans_table, study_markdown
 from otmel.cli import build_parser, main
-from otmel.train import study as study_mod
+from otmel.train.driver import study as study_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,11 +10,11 @@ import torch
 from otmel.config import ModelConfig
 from otmel.metrics import gold_ranks
 from otmel.model import OTMEL
-from otmel.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from otmel.train.config import RunConfig, TrainConfig, load_config
-from otmel.train.engine import TOWER_PREFIXES, Engine, load_ds_config
-from otmel.train.evaluate import encode_kg, encode_split, gold_ranks_distributed
-from otmel.train.launch import format_table
+from otmel.runconfig import RunConfig, TrainConfig, load_config
+from otmel.train.driver.launch import format_table
+from otmel.train.worker.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from otmel.train.worker.engine import TOWER_PREFIXES, Engine, load_ds_config
+from otmel.train.worker.evaluate import encode_kg, encode_split, gold_ranks_distributed
 from tests.model_helpers import entity_batch, random_batch, tiny_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,8 +132,8 @@ def test_final_table_lists_dev_and_test() -> None:
 
 
 def test_wandb_is_offline_without_a_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from otmel.train.config import WandbConfig
-    from otmel.train.tracking import resolve_mode
+    from otmel.runconfig import WandbConfig
+    from otmel.train.worker.tracking import resolve_mode
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -147,8 +147,8 @@ def test_wandb_is_offline_without_a_key(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 def test_wandb_offline_run_logs_and_a_broken_wandb_never_fails(monkeypatch: pytest.MonkeyPatch,
                                                                  tmp_path: Path) -> None:
-    from otmel.train.config import WandbConfig
-    from otmel.train.tracking import Tracker
+    from otmel.runconfig import WandbConfig
+    from otmel.train.worker.tracking import Tracker
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     t = Tracker(WandbConfig(), enabled=True, name="t1", config={"a": 1}, directory=str(tmp_path))
@@ -171,7 +171,7 @@ def test_wandb_offline_run_logs_and_a_broken_wandb_never_fails(monkeypatch: pyte
 
 
 def test_remote_storage_keeps_results_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from otmel.train.launch import local_run_dir
+    from otmel.train.driver.launch import local_run_dir
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(ROOT / "configs/synth.yaml", ["run.storage=s3://bucket/otmel"])

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from otmel.train.checkpoint import load_checkpoint
-from otmel.train.launch import main as train_main
-from otmel.train.loop import FAULT_MARKER
+from otmel.train.driver.launch import main as train_main
+from otmel.train.worker.checkpoint import load_checkpoint
+from otmel.train.worker.loop import FAULT_MARKER
 from tests.ray_helpers import local_ray, synth_shards
 
 pytestmark = pytest.mark.slow
@@ -96,7 +96,7 @@ def test_train_deepspeed_two_workers_writes_results_and_safe_checkpoints(shards:
         p.name for p in ckpt.iterdir()}
     blob = torch.load(ckpt / "optim-rank1.pt", weights_only=True)
     assert {"optimizer", "scheduler", "rng"} <= set(blob)
-    from otmel.train.config import RunConfig
+    from otmel.runconfig import RunConfig
 
     cfg = RunConfig.from_dict(on_disk["config"])
     model = __import__("otmel.model", fromlist=["OTMEL"]).OTMEL(cfg.model_config())
@@ -135,7 +135,7 @@ def test_hard_negatives_mined_on_two_workers_and_resumed_exactly(shards: Path, t
         if k.startswith(("dev/", "test/")):
             assert hit["metrics"][k] == v, k
     assert all(h["hard/mine_seconds"] > 0 and h["hard/candidates_per_mention"] > 4 for h in ref["history"])
-    from otmel.train.checkpoint import load_extra
+    from otmel.train.worker.checkpoint import load_extra
 
     extra = load_extra(Path(ref["checkpoint"]))
     n_train = json.loads((shards / "manifest.json").read_text())["counts"]["train"]
@@ -171,7 +171,7 @@ def test_resume_an_interrupted_run(shards: Path, tmp_path: Path, ray_session: No
 
 def test_baseline_command_reports_string_match_and_cls_only(shards: Path, tmp_path: Path,
                                                               ray_session: None) -> None:
-    from otmel.train.launch import baselines
+    from otmel.train.driver.launch import baselines
 
     src = shards.parent / "src"
     out = baselines(str(ROOT / "configs/synth.yaml"),

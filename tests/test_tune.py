@@ -10,13 +10,9 @@ import pytest
 import torch
 import yaml
 
-from otmel.cli import build_parser
-from otmel.config import ModelConfig
-from otmel.model import OTMEL
-from otmel.train.config import load_config
-from otmel.train.entropy import model_plan_entropy
-from otmel.train.plots import plot_sweep, resolve_sweep
-from otmel.train.sweep_results import (
+from otmel.analysis.entropy import model_plan_entropy
+from otmel.analysis.plots import plot_sweep, resolve_sweep
+from otmel.analysis.sweep_results import (
     best_config_yaml,
     load_rows,
     rank_rows,
@@ -24,7 +20,11 @@ from otmel.train.sweep_results import (
     ranked_markdown,
     write_sweep_outputs,
 )
-from otmel.train.tune import apply_params, check_space, load_search, override, to_tune_space
+from otmel.cli import build_parser
+from otmel.config import ModelConfig
+from otmel.model import OTMEL
+from otmel.runconfig import load_config
+from otmel.train.driver.tune import apply_params, check_space, load_search, override, to_tune_space
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTH = str(ROOT / "configs/synth.yaml")
@@ -211,7 +211,7 @@ class _FakeGrid(list):
 
 
 def test_rows_from_grid_statuses() -> None:
-    from otmel.train.sweep_results import rows_from_grid, unfinished
+    from otmel.analysis.sweep_results import rows_from_grid, unfinished
 
     p = {"model.reg": 0.1}
     grid = _FakeGrid([

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from otmel.train.config import load_config
-from otmel.train.tune import run_sweep
+from otmel.runconfig import load_config
+from otmel.train.driver.tune import run_sweep
 from tests.ray_helpers import local_ray, synth_shards
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ from typing import Any
 
 from otmel.analysis.plans import PlanCapture, capture_plans
 from otmel.analysis.sharpness import WHAT_IF_REGS, load_probe, what_if
-from otmel.train.config import RunConfig
+from otmel.runconfig import RunConfig
 
 HIST_STATS = (("range_over_reg", "(max C − min C) / reg"), ("sd_over_reg", "sd(C) / reg"),
               ("row_entropy_ot", "plan row entropy / log(cols)"), ("row_entropy_att", "attention row entropy"),

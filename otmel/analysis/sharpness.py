@@ -22,8 +22,9 @@ import torch
 from otmel.analysis.plans import capture_plans, problem_stats
 from otmel.model import OTMEL
 from otmel.model.assign import PlanRecord
+from otmel.model.modes import eval_mode
 from otmel.ot import sinkhorn
-from otmel.train.config import RunConfig
+from otmel.runconfig import RunConfig
 
 PAPER_TEXT_REG = 1 / 0.6  # the paper's text: K = exp(-lambda C) with lambda = 0.6
 WHAT_IF_REGS = (0.01, 0.05, 0.2, PAPER_TEXT_REG)
@@ -41,13 +42,8 @@ def what_if(rec: PlanRecord, reg: float, n_iters: int) -> dict[str, float]:
 def model_plan_summary(model: OTMEL, mentions: dict[str, torch.Tensor], entities: dict[str, torch.Tensor]
                        ) -> dict[str, dict[str, Any]]:
     """Per OT module: `PlanCapture.summary()` plus the what-ifs; empty when the model has no plans at inference."""
-    was = model.training
-    model.eval()
-    try:
-        with capture_plans(model, keep_samples=True) as cap:
-            model.score(model.encode_mentions(mentions), model.encode_entities(entities))
-    finally:
-        model.train(was)
+    with eval_mode(model), capture_plans(model, keep_samples=True) as cap:
+        model.score(model.encode_mentions(mentions), model.encode_entities(entities))
     out: dict[str, dict[str, Any]] = {}
     iters = model.cfg.n_iters
     summary: dict[str, dict[str, Any]] = cap.summary()  # rows gain a nested "what_if" entry below
@@ -62,9 +58,9 @@ def model_plan_summary(model: OTMEL, mentions: dict[str, torch.Tensor], entities
 def load_probe(cfg: RunConfig, checkpoint: Path, mentions: int = 16, entities: int = 32
                ) -> tuple[OTMEL, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A checkpoint's best weights and the first `mentions` dev mentions / `entities` KG entities."""
+    from otmel.checkpoints import load_model_weights
     from otmel.data.loaders import eval_loader, kg_loader
     from otmel.model.encoder import build_preprocessor
-    from otmel.train.checkpoint import load_model_weights
 
     torch.set_flush_denormal(True)
     mcfg = cfg.model_config()

@@ -21,7 +21,7 @@ def _cmd_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides such as train.epochs=2")
 
     def run(args: argparse.Namespace) -> int:
-        from otmel.train.launch import main as train_main
+        from otmel.train.driver.launch import main as train_main
 
         train_main(args.config, [*args.overrides, *(["run.console=verbose"] if args.verbose else [])], args.resume)
         return 0
@@ -36,7 +36,7 @@ def _cmd_baseline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides for the CLS-only run")
 
     def run(args: argparse.Namespace) -> int:
-        from otmel.train.launch import baselines
+        from otmel.train.driver.launch import baselines
 
         baselines(args.config, args.overrides, args.split)
         return 0
@@ -65,7 +65,7 @@ def _cmd_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides for every trial")
 
     def run(args: argparse.Namespace) -> int:
-        from otmel.train.tune import run_sweep
+        from otmel.train.driver.tune import run_sweep
 
         if args.resume and not args.name:
             return fail("tune", "--resume needs --name")
@@ -91,7 +91,7 @@ def _cmd_ablate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides, e.g. train.epochs=3")
 
     def run(args: argparse.Namespace) -> int:
-        from otmel.train.ablate import run_ablation
+        from otmel.train.driver.ablate import run_ablation
 
         if args.resume and not args.name:
             return fail("ablate", "--resume needs --name")
@@ -129,7 +129,7 @@ def _cmd_study(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides for every trial")
 
     def run(args: argparse.Namespace) -> int:
-        from otmel.train.study import run_study
+        from otmel.train.driver.study import run_study
 
         try:
             seeds = _seed_list(args.seeds)
@@ -156,7 +156,7 @@ def _cmd_plot(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--x", default="model.reg", help="swept key on the x axis (default model.reg)")
 
     def run(args: argparse.Namespace) -> int:
-        from otmel.train.plots import plot_sweep, resolve_sweep
+        from otmel.analysis.plots import plot_sweep, resolve_sweep
 
         try:
             out = plot_sweep(resolve_sweep(args.run), args.out, x_key=args.x)

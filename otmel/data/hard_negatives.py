@@ -7,7 +7,7 @@ mention, drawn from a candidate table `(N_train, k)` of KG rows indexed by the m
 - **lexical** (`lexical_table`): entities whose name equals the gold entity's name (homonyms), then the
   string matcher's ranking of the mention's surface form (exact name, prefix / suffix, token overlap; the
   `otmel baseline` matcher) — the lexical ambiguity a text-only linker falls for. Needs no model.
-- **mined** (`otmel.train.mining`): the top-k wrong entities of the current model's cheap first-stage score,
+- **mined** (`otmel.train.worker.mining`): the top-k wrong entities of the current model's cheap first-stage score,
   recomputed every N epochs.
 
 Rows of the table are sampled without replacement by a generator seeded from (seed, epoch, rank, step), so a

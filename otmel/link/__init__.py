@@ -1,9 +1,9 @@
 """Inference on a trained checkpoint: the entity index, linking new mentions, evaluation of the linking
 modes, explanations (assignment figures) and run reports. See docs/linking.md."""
 
+from otmel.checkpoints import CheckpointError, LoadedCheckpoint, load_checkpoint_model, save_model_checkpoint
 from otmel.link.index import EntityIndex, EntityIndexError, IndexMismatchError, build_index
 from otmel.link.linker import LinkedEntity, Linker, LinkInputError, MentionNotInTextWarning
-from otmel.link.model_io import CheckpointError, LoadedCheckpoint, load_checkpoint_model, save_model_checkpoint
 
 __all__ = [
     "CheckpointError", "EntityIndex", "EntityIndexError", "IndexMismatchError", "LinkInputError", "LinkedEntity",

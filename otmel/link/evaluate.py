@@ -27,14 +27,14 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
+from otmel.checkpoints import LoadedCheckpoint, load_checkpoint_model
 from otmel.data.manifest import read_manifest, shard_infos
 from otmel.data.shards import iter_shard
 from otmel.link.index import EntityIndex, load_or_build
-from otmel.link.model_io import LoadedCheckpoint, load_checkpoint_model
-from otmel.link.scoring import FirstStage, first_stage_scores, full_scores, stable_topk, two_stage
 from otmel.metrics import gold_ranks, metrics_from_ranks
 from otmel.model import EntityFeatures, MentionFeatures
 from otmel.model.encoder import build_preprocessor
+from otmel.model.first_stage import FirstStage, first_stage_scores, full_scores, stable_topk, two_stage
 
 
 def read_split(shards: str | Path, split: str, pre: Any, *, limit: int | None = None, seed: int = 0

@@ -11,7 +11,7 @@ Folder layout (schema `otmel-entity-index` v1):
 The folder is written under a temporary name and renamed into place. Loading with a checkpoint hash that
 differs from the recorded one raises `IndexMismatchError` naming both.
 
-Retrieval: the first-stage scores (`otmel.link.scoring`) are products of the cached pooled vectors
+Retrieval: the first-stage scores (`otmel.model.first_stage`) are products of the cached pooled vectors
 (`g`, `t`, `v`); they are computed exactly with one pass of matrix products + `topk` in torch. No approximate
 nearest-neighbour structure is built: the "summary" score divides by a per-pair count (2 + both-have-image),
 so it is not a single inner product, and an exact pass over 50k entities costs a few ms per mention, a small
@@ -39,9 +39,9 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import default_collate
 
 from otmel import __version__
+from otmel.checkpoints import CheckpointError, LoadedCheckpoint, load_checkpoint_model
 from otmel.data.manifest import KG, read_manifest, shard_infos
 from otmel.data.shards import ShardInfo, iter_shard
-from otmel.link.model_io import CheckpointError, LoadedCheckpoint, load_checkpoint_model
 from otmel.model import EntityFeatures
 from otmel.model.encoder import build_preprocessor
 

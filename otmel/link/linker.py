@@ -6,7 +6,7 @@
 
 Modes: ``"exhaustive"`` scores every entity with the full model (`OTMEL.score`); ``"two-stage"`` (default)
 retrieves ``candidates`` entities by the cheap first-stage score and re-ranks them with the full model (see
-`otmel.link.scoring`). Both return the top-k entities by S_O, with S_F, S_T, S_V and the first-stage score.
+`otmel.model.first_stage`). Both return the top-k entities by S_O, with S_F, S_T, S_V and the first-stage score.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
+from otmel.checkpoints import LoadedCheckpoint, load_checkpoint_model
 from otmel.data.images import decode_image
 from otmel.link.index import EntityIndex, load_or_build
-from otmel.link.model_io import LoadedCheckpoint, load_checkpoint_model
-from otmel.link.scoring import FIRST_STAGES, SCORE_TERMS, FirstStage, full_scores, stable_topk, two_stage
 from otmel.model import MentionFeatures
 from otmel.model.encoder import build_preprocessor
+from otmel.model.first_stage import FIRST_STAGES, SCORE_TERMS, FirstStage, full_scores, stable_topk, two_stage
 
 MODES: tuple[str, ...] = ("exhaustive", "two-stage")
 DEFAULT_CANDIDATES = 128

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
+from otmel.checkpoints import load_checkpoint_model, resolve_checkpoint, save_model_checkpoint
 from otmel.config import VARIANTS, ModelConfig
 from otmel.link.evaluate import encode_mentions, read_split, run_exhaustive
 from otmel.link.index import build_index
-from otmel.link.model_io import load_checkpoint_model, resolve_checkpoint, save_model_checkpoint
 from otmel.metrics import metrics_from_ranks
 from otmel.model import OTMEL
 from otmel.model.encoder import build_preprocessor
@@ -67,7 +67,7 @@ def length_buckets(ranks: torch.Tensor, lengths: Sequence[int], short_max: int =
 
 def run_shards(run: str | Path) -> str:
     """The packed shard folder a checkpoint was trained on (its run config's `data.shards`)."""
-    from otmel.train.config import RunConfig
+    from otmel.runconfig import RunConfig
 
     state = json.loads((resolve_checkpoint(run) / "state.json").read_text())
     return RunConfig.from_dict(state["config"]).data.shards

@@ -148,7 +148,7 @@ class OTMEL(nn.Module):
         """Mentions of the batch against the batch's gold entities (in-batch negatives).
 
         `entity_pool` widens the negatives: it maps this batch's entity features to the pool's (e.g. the
-        global batch gathered from every worker, `otmel.train.distributed.gather_features`) and returns
+        global batch gathered from every worker, `otmel.train.worker.distributed.gather_features`) and returns
         the column offset of this batch's entities in it. The batch may carry more entity rows than mentions
         (hard negatives, `otmel.data.hard_negatives`): the first Bm are the golds, in mention order.
         Returns the keyword arguments of `otmel.loss.OTMELLoss`."""

@@ -1,1 +1,2 @@
-"""Training: the loop(s) and the distributed helpers; the Ray-aware code of otmel lives here only."""
+"""Training on Ray: `worker/` runs inside each Ray Train worker, `driver/` starts and drives runs (train, tune,
+ablate, study). Analyses of finished runs live in `otmel.analysis`; the run config in `otmel.runconfig`."""

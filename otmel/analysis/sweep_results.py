@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from otmel.train.config import RunConfig
+from otmel.runconfig import RunConfig
 
 METRIC_COLS = ("dev/H@1", "dev/MRR", "test/H@1", "test/MRR")
 EXTRA_COLS = ("plan_entropy", "plan_entropy_norm")

@@ -12,7 +12,7 @@ import os
 import warnings
 from typing import Any, Literal, cast
 
-from otmel.train.config import WandbConfig
+from otmel.runconfig import WandbConfig
 
 
 def resolve_mode(cfg: WandbConfig) -> str:

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any, cast
 
-from otmel.train.sweep_results import load_rows
+from otmel.analysis.sweep_results import load_rows
 
 
 def resolve_sweep(run: str, storage: str = "runs") -> Path:

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from otmel.analysis.study_tables import study_markdown
-from otmel.train.config import load_config
-from otmel.train.launch import DEFAULT_CONFIG, _absolute, fit, prepare_data
+from otmel.runconfig import load_config
+from otmel.train.driver.launch import DEFAULT_CONFIG, _absolute, fit, prepare_data
 
 
 def _append_line(path: Path, obj: dict[str, Any]) -> None:

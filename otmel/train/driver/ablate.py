@@ -1,5 +1,5 @@
 """The Table-2 ablation grid: every variant x N seeds, each a Tune trial (a full Ray Train run of the
-ordinary code path, `otmel.train.tune.trial_driver`), summarised as Table 2 (mean +- std over seeds and
+ordinary code path, `otmel.train.driver.tune.trial_driver`), summarised as Table 2 (mean +- std over seeds and
 the change vs the full model), written as markdown and CSV next to the Tune experiment.
 
 The aggregation and table builders work on plain row dicts (no Ray), so they are tested on synthetic rows.
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from otmel.config import TABLE2_VARIANTS
-from otmel.train.config import load_config
-from otmel.train.launch import DEFAULT_CONFIG, _absolute, prepare_data
+from otmel.runconfig import load_config
+from otmel.train.driver.launch import DEFAULT_CONFIG, _absolute, prepare_data
 
 # The paper's names (Table 2) and its RichpediaMEL numbers (H@1, MRR in %), for reference in the tables.
 DESCRIPTIONS: dict[str, str] = {
@@ -162,8 +162,8 @@ def run_ablation(
     print the Table-2 style summary. Returns the rows, the summary and the experiment path."""
     from ray import tune
 
-    from otmel.train.sweep_results import rows_from_grid, unfinished
-    from otmel.train.tune import init_ray_for_trials, run_trials
+    from otmel.analysis.sweep_results import rows_from_grid, unfinished
+    from otmel.train.driver.tune import init_ray_for_trials, run_trials
 
     variants = [v.upper() for v in (variants or list(TABLE2_VARIANTS))]
     seeds = list(seeds if seeds is not None else [0, 1])

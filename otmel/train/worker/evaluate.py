@@ -21,7 +21,8 @@ import torch.distributed as dist
 from otmel.metrics import metrics_from_ranks
 from otmel.model import OTMEL, EntityFeatures, MentionFeatures
 from otmel.model.encoder import image_size_of
-from otmel.train.distributed import all_gather_uneven
+from otmel.model.modes import eval_mode
+from otmel.train.worker.distributed import all_gather_uneven
 
 
 def _all_reduce(t: torch.Tensor, op: dist.ReduceOp.RedOpType, world_size: int) -> torch.Tensor:
@@ -129,13 +130,9 @@ def evaluate_split(
     entities: EntityFeatures | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Metrics of one split over the whole KG. Pass `entities` to reuse a KG cache across splits."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if entities is None:
             entities = encode_kg(model, kg_batches)
         mentions, gold, _ = encode_split(model, mention_batches, world_size, image_size_of(model.cfg))
         ranks = gold_ranks_distributed(model, mentions, gold, entities, world_size)
-    finally:
-        model.train(was_training)
     return metrics_from_ranks(ranks), ranks

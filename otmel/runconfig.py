@@ -120,7 +120,8 @@ class RunSection:
     keep_checkpoints: int = 2
     ray_address: str | None = None  # None: join RAY_ADDRESS / the job's cluster, else start a local Ray
     # "quiet": header, one progress bar and one line per epoch, the final table; worker output, Ray's report dumps
-    # and library warnings go to RUN_DIR/logs/ (otmel/train/console.py). "verbose": everything on the console.
+    # and library warnings go to RUN_DIR/logs/ (otmel/train/driver/console.py, otmel/train/worker/progress.py).
+    # "verbose": everything on the console.
     console: Literal["quiet", "verbose"] = "quiet"
 
     def __post_init__(self) -> None:

@@ -1,13 +1,13 @@
 """Mined hard negatives: the current model's top-k wrong entities for every training mention, in parallel.
 
 Every rank encodes its exactly-once share of the KG (pooled vectors only: what the cheap first-stage score of
-`otmel.link.scoring` needs) and the shares are all-gathered, so each rank holds the compact KG (Ne x a few d).
+`otmel.model.first_stage` needs) and the shares are all-gathered, so each rank holds the compact KG (Ne x a few d).
 Each rank then encodes its exactly-once share of the training mentions, scores them against the whole KG with
 the first-stage score (a few matrix products, no pairwise OT), drops the gold and keeps the top k. The
 (m_index, rows) pairs are all-gathered into one (N_train, k) table, identical on every rank. Cost per refresh:
 one forward pass over the KG and the training split, split across the ranks.
 
-Like `otmel.train.distributed`, no Ray here: the caller passes its loaders and the world size.
+Like `otmel.train.worker.distributed`, no Ray here: the caller passes its loaders and the world size.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from otmel.data.hard_negatives import NO_ENTITY, hard_negative_seed
 from otmel.data.loaders import eval_loader, kg_loader
 from otmel.data.manifest import num_entities, split_counts
 from otmel.data.transforms import Preprocessor
-from otmel.link.scoring import FirstStage, first_stage_scores
 from otmel.model import OTMEL, EntityFeatures
 from otmel.model.encoder import image_size_of
-from otmel.train.config import RunConfig
-from otmel.train.distributed import all_gather_uneven
-from otmel.train.evaluate import empty_batch
+from otmel.model.first_stage import FirstStage, first_stage_scores
+from otmel.model.modes import eval_mode
+from otmel.runconfig import RunConfig
+from otmel.train.worker.distributed import all_gather_uneven
+from otmel.train.worker.evaluate import empty_batch
 
 
 def _compact(e: EntityFeatures) -> EntityFeatures:
@@ -57,9 +58,7 @@ def mine_hard_negatives(
     first_stage: FirstStage = "summary",
 ) -> torch.Tensor:
     """(n_train, k) long table of KG rows, row `m_index`: the k best-scoring wrong entities, best first."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         kg = compact_kg(model, kg_batches, world_size, image_size)
         k_eff = min(k, max(len(kg) - 1, 0))
         idx, rows = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, k, dtype=torch.long)]
@@ -74,8 +73,6 @@ def mine_hard_negatives(
             rows.append(r)
         m_index = all_gather_uneven(torch.cat(idx), world_size)
         found = all_gather_uneven(torch.cat(rows), world_size)
-    finally:
-        model.train(was_training)
     table = torch.full((n_train, k), NO_ENTITY, dtype=torch.long)
     table[m_index] = found
     return table

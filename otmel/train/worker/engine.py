@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from otmel.io import atomic_path
-from otmel.train.config import TrainConfig
+from otmel.runconfig import TrainConfig
 
 
 def load_ds_config(train: TrainConfig, total_steps: int, use_gpu: bool) -> dict[str, Any]:

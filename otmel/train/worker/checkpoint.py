@@ -24,11 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from otmel.io import atomic_path
-from otmel.train.engine import Engine, load_state_file, save_state_file
-
-MODEL, BEST, STATE = "model.safetensors", "best.safetensors", "state.json"
-EXTRA = "extra.safetensors"  # run-level tensors beside the weights (e.g. the mined hard-negative table)
+from otmel.checkpoints import BEST_FILE, EXTRA_FILE, MODEL_FILE, STATE_FILE
+from otmel.io import atomic_json, atomic_path
+from otmel.train.worker.engine import Engine, load_state_file, save_state_file
 
 
 def _atomic_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -37,9 +35,7 @@ def _atomic_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
 
 
 def _atomic_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    tmp.replace(path)
+    atomic_json(path, obj, indent=2, sort_keys=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -78,22 +74,22 @@ def save_checkpoint(
     )
     if rank == 0:
         meta = {"format": "otmel-checkpoint-1"}
-        _atomic_safetensors(model.state_dict(), directory / MODEL, meta)
+        _atomic_safetensors(model.state_dict(), directory / MODEL_FILE, meta)
         if best is not None:
-            _atomic_safetensors(best, directory / BEST, meta)
+            _atomic_safetensors(best, directory / BEST_FILE, meta)
         if extra:
-            _atomic_safetensors(extra, directory / EXTRA, meta)
-        _atomic_json({**state, "config": config}, directory / STATE)
+            _atomic_safetensors(extra, directory / EXTRA_FILE, meta)
+        _atomic_json({**state, "config": config}, directory / STATE_FILE)
 
 
 def load_checkpoint(
     directory: Path, *, rank: int, model: nn.Module, engine: Engine | None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     """Restore model (+ optimizer, scheduler, RNG of this rank); returns (train state, best weights)."""
-    model.load_state_dict(load_file(str(directory / MODEL)))
-    state = json.loads((directory / STATE).read_text())
+    model.load_state_dict(load_file(str(directory / MODEL_FILE)))
+    state = json.loads((directory / STATE_FILE).read_text())
     state.pop("config", None)
-    best = load_file(str(directory / BEST)) if (directory / BEST).exists() else None
+    best = load_file(str(directory / BEST_FILE)) if (directory / BEST_FILE).exists() else None
     if engine is not None:
         blob = load_state_file(directory / f"optim-rank{rank}.pt")
         engine.load_optimizer_state(blob["optimizer"])
@@ -104,12 +100,5 @@ def load_checkpoint(
 
 def load_extra(directory: Path) -> dict[str, torch.Tensor]:
     """The run-level tensors saved with `extra=` ({} when none were)."""
-    path = Path(directory) / EXTRA
+    path = Path(directory) / EXTRA_FILE
     return load_file(str(path)) if path.exists() else {}
-
-
-def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Weights of a checkpoint directory (its best weights if present) or a .safetensors file."""
-    if path.is_dir():
-        path = path / BEST if (path / BEST).exists() else path / MODEL
-    return load_file(str(path))

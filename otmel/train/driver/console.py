@@ -5,7 +5,7 @@ rank 0 through a small Ray queue actor: the workers are other processes, possibl
 line per epoch and the final table. Everything else — Ray's worker-prefixed output, Ray Train's report dumps,
 DeepSpeed and library warnings — goes to log files in the run directory: `logs/driver.log` (the driver's Ray
 logs and Python warnings) and `logs/worker-rank{R}.log` (each worker's whole stdout / stderr, redirected at the
-file-descriptor level so C-level and subprocess output are caught too).
+file-descriptor level so C-level and subprocess output are caught too; `otmel.train.worker.progress`).
 
 Verbose (`otmel train --verbose`, `run.console: verbose`): Ray forwards every worker's output to the driver as
 usual and rank 0 draws its own tqdm bar, as before this module existed.
@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-LOG_DIR = "logs"
-_THROTTLE_S = 1.0  # at most one progress event per second from rank 0
+from otmel.train.worker.progress import LOG_DIR
 
 
 def format_epoch_line(metrics: dict[str, Any], epochs: int) -> str:
@@ -36,73 +33,6 @@ def format_epoch_line(metrics: dict[str, Any], epochs: int) -> str:
     if "dev/MRR" in metrics:
         line += f"  dev H@1 {100 * metrics['dev/H@1']:.2f}  MRR {100 * metrics['dev/MRR']:.2f}"
     return line
-
-
-# ------------------------------------------------------------------------------------------------ worker side
-
-
-class WorkerConsole:
-    """A worker's side: progress events to the driver's queue (rank 0) when there is one; a local tqdm bar on a
-    verbose console; nothing on a quiet one without a queue (a trial of a sweep or study)."""
-
-    def __init__(self, channel: Any | None, rank: int, run_dir: Path, progress: bool, quiet: bool) -> None:
-        self.channel, self.rank, self.run_dir, self.quiet = channel, rank, run_dir, quiet
-        self.progress = progress and rank == 0 and (channel is not None or not quiet)
-        self._bar: tqdm | None = None
-        self._last = 0.0
-        self._pending = 0
-
-    def redirect_output(self) -> None:
-        """Quiet console only: this worker's stdout / stderr (file descriptors 1 and 2) go to its log file."""
-        if not self.quiet:
-            return
-        log = self.run_dir / LOG_DIR / f"worker-rank{self.rank}.log"
-        try:
-            log.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        except OSError:  # an unwritable run directory on this node: keep Ray's own worker logs
-            return
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
-
-    def _send(self, event: tuple[Any, ...]) -> None:
-        with contextlib.suppress(Exception):  # a full or vanished queue never stops training
-            assert self.channel is not None  # callers check
-            self.channel.put_nowait(event)
-
-    def start_epoch(self, epoch: int, epochs: int, steps: int, initial: int) -> None:
-        if not self.progress:
-            return
-        if self.channel is not None:
-            self._send(("epoch_start", epoch, epochs, steps, initial))
-        else:
-            self._bar = tqdm(total=steps, initial=initial, desc=f"epoch {epoch + 1}/{epochs}", mininterval=2.0)
-
-    def step(self, loss: float) -> None:
-        if not self.progress:
-            return
-        if self._bar is not None:
-            self._bar.update(1)
-            self._bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            return
-        self._pending += 1
-        now = time.monotonic()
-        if now - self._last >= _THROTTLE_S:
-            self._send(("step", self._pending, loss))
-            self._pending, self._last = 0, now
-
-    def end_epoch(self, metrics: dict[str, Any]) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        if self.progress and self.channel is not None:
-            if self._pending:
-                self._send(("step", self._pending, float(metrics.get("train/loss", float("nan")))))
-                self._pending = 0
-            self._send(("epoch_end", {k: v for k, v in metrics.items() if isinstance(v, int | float)}))
 
 
 # ------------------------------------------------------------------------------------------------ driver side
@@ -211,4 +141,4 @@ class DriverConsole:
         self._quieted.clear()
 
 
-__all__ = ["DriverConsole", "LOG_DIR", "WorkerConsole", "format_epoch_line"]
+__all__ = ["DriverConsole", "format_epoch_line"]

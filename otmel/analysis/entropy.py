@@ -18,7 +18,8 @@ import torch
 
 from otmel.analysis.plans import capture_plans
 from otmel.model import OTMEL
-from otmel.train.config import RunConfig
+from otmel.model.modes import eval_mode
+from otmel.runconfig import RunConfig
 
 
 @torch.no_grad()
@@ -27,13 +28,8 @@ def model_plan_entropy(model: OTMEL, mentions: dict[str, torch.Tensor], entities
     """Mean (normalised) plan entropy of every OT plan the model computes scoring `mentions` x `entities` at
     inference, whichever path computes it (plan hooks, `otmel.analysis.plans.capture_plans`); empty when the
     model runs no OT at inference (attention variants, the KD student)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with capture_plans(model) as cap:
-            model.score(model.encode_mentions(mentions), model.encode_entities(entities))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), capture_plans(model) as cap:
+        model.score(model.encode_mentions(mentions), model.encode_entities(entities))
     h, hn = cap.pooled("entropy"), cap.pooled("entropy_norm")
     if not h.numel():
         return {}

@@ -1,6 +1,6 @@
 """A trained checkpoint for inference: its model, its config and its identity (sha256 of the weight file).
 
-A checkpoint is a directory written by training (`otmel.train.checkpoint`): `model.safetensors`, optionally
+A checkpoint is a directory written by training (`otmel.train.worker.checkpoint`): `model.safetensors`, optionally
 `best.safetensors` (the best dev-MRR weights, preferred when present) and `state.json`, whose `config` is the
 full run config. A run directory (holding `results.json` with a `"checkpoint"` entry) is accepted too and
 resolves to its final checkpoint.
@@ -23,7 +23,9 @@ from otmel.config import ModelConfig
 from otmel.data.shards import sha256_file
 from otmel.model import OTMEL
 
+# The files of a checkpoint directory (written by `otmel.train.worker.checkpoint`) and of a run directory.
 MODEL_FILE, BEST_FILE, STATE_FILE, RESULTS_FILE = "model.safetensors", "best.safetensors", "state.json", "results.json"
+EXTRA_FILE = "extra.safetensors"  # run-level tensors beside the weights (e.g. the mined hard-negative table)
 
 
 class CheckpointError(FileNotFoundError):
@@ -65,6 +67,11 @@ def weights_file(checkpoint: Path) -> Path:
     raise CheckpointError(f"checkpoint {checkpoint}: neither {BEST_FILE} nor {MODEL_FILE}")
 
 
+def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Weights of a checkpoint directory (its best weights if present) or of a .safetensors file."""
+    return load_file(str(weights_file(path) if Path(path).is_dir() else path))
+
+
 def checkpoint_sha256(path: str | Path) -> str:
     """sha256 (hex) of the weight file of a checkpoint (or run) directory."""
     return sha256_file(weights_file(resolve_checkpoint(path)))
@@ -72,7 +79,7 @@ def checkpoint_sha256(path: str | Path) -> str:
 
 def model_config_of(checkpoint: Path) -> ModelConfig:
     """The ModelConfig recorded in a checkpoint's state.json (the run config's `model` section)."""
-    from otmel.train.config import RunConfig
+    from otmel.runconfig import RunConfig
 
     state = json.loads((checkpoint / STATE_FILE).read_text())
     if "config" not in state:
@@ -96,7 +103,7 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") 
 def save_model_checkpoint(directory: str | Path, model: OTMEL, extra_state: dict[str, Any] | None = None) -> Path:
     """Write `model.safetensors` + `state.json` (run config with this model's config) into `directory`: a
     checkpoint the linker loads, e.g. for a randomly initialised model in tests and timing benches."""
-    from otmel.train.config import RunConfig
+    from otmel.runconfig import RunConfig
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)

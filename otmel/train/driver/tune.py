@@ -24,9 +24,9 @@ from typing import Any
 
 import yaml
 
-from otmel.train.config import RunConfig, _set_dotted, load_config
-from otmel.train.launch import DEFAULT_CONFIG, _absolute, prepare_data
-from otmel.train.sweep_results import rank_rows, rows_from_grid, unfinished, write_sweep_outputs
+from otmel.analysis.sweep_results import rank_rows, rows_from_grid, unfinished, write_sweep_outputs
+from otmel.runconfig import RunConfig, _set_dotted, load_config
+from otmel.train.driver.launch import DEFAULT_CONFIG, _absolute, prepare_data
 
 DRIVER_CPUS = 0.1  # the trial driver only waits on its TorchTrainer; `with_resources(..., {"cpu": 0})` fails
 DOMAINS = ("loguniform", "uniform", "choice", "grid", "randint")
@@ -133,7 +133,7 @@ def trial_driver(config: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from otmel.train.launch import build_trainer, run_trainer
+    from otmel.train.driver.launch import build_trainer, run_trainer
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = apply_params(config["base"], config["params"])
@@ -142,7 +142,7 @@ def trial_driver(config: dict[str, Any]) -> None:
     run_name = f"train-{trial_id}"
     results = run_trainer(build_trainer(cfg, run_name, callbacks=[TuneReportCallback()]), cfg, run_name)
     if config.get("plan_entropy") and results.get("checkpoint"):
-        from otmel.train.entropy import checkpoint_plan_entropy
+        from otmel.analysis.entropy import checkpoint_plan_entropy
 
         extra = checkpoint_plan_entropy(cfg, Path(results["checkpoint"]))
         # one more result: the final Train metrics plus the entropy, so the trial's last result has both
@@ -153,7 +153,7 @@ def init_ray_for_trials(cfg: RunConfig, concurrent: int) -> None:
     """Join RAY_ADDRESS / run.ray_address, or start a local Ray with room for `concurrent` trials (each
     `num_workers * cpus_per_worker` CPUs plus a fractional driver: +1 logical CPU, the drivers sleep while their
     trainers run)."""
-    from otmel.train.launch import init_ray
+    from otmel.train.driver.launch import init_ray
 
     init_ray(cfg, extra_cpus=1, concurrent=concurrent)
 

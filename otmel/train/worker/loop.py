@@ -26,14 +26,15 @@ from otmel.data.manifest import split_counts
 from otmel.loss import OTMELLoss
 from otmel.model import OTMEL
 from otmel.model.encoder import build_preprocessor
-from otmel.train.checkpoint import load_checkpoint, load_extra, save_checkpoint
-from otmel.train.config import RunConfig
-from otmel.train.console import WorkerConsole
-from otmel.train.distributed import entity_pool_for
-from otmel.train.engine import Engine
-from otmel.train.evaluate import encode_kg, evaluate_split
-from otmel.train.mining import HardNegativeSchedule
-from otmel.train.tracking import Tracker
+from otmel.model.modes import eval_mode
+from otmel.runconfig import RunConfig
+from otmel.train.worker.checkpoint import load_checkpoint, load_extra, save_checkpoint
+from otmel.train.worker.distributed import entity_pool_for
+from otmel.train.worker.engine import Engine
+from otmel.train.worker.evaluate import encode_kg, evaluate_split
+from otmel.train.worker.mining import HardNegativeSchedule
+from otmel.train.worker.progress import WorkerConsole
+from otmel.train.worker.tracking import Tracker
 
 FAULT_MARKER = ".fault-injected"
 
@@ -76,16 +77,12 @@ class Evaluator:
             batch_size=self.cfg.train.eval_batch_size, rank=self.rank, world_size=self.world,
             num_workers=self.cfg.data.num_workers,
         )
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             cache = encode_kg(model, kg_loader(shards, self.pre, **kw))
             out: dict[str, float] = {}
             for split in splits:
                 metrics, _ = evaluate_split(model, [], eval_loader(shards, split, self.pre, **kw), self.world, cache)
                 out.update({f"{split}/{k}": v for k, v in metrics.items()})
-        finally:
-            model.train(was_training)
         return out
 
 

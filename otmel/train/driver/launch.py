@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from otmel.train.config import RunConfig, check_files, load_config
+from otmel.runconfig import RunConfig, check_files, load_config
 
 DEFAULT_CONFIG = "configs/synth.yaml"
 
@@ -76,11 +76,11 @@ def init_ray(cfg: RunConfig, extra_cpus: int = 0, concurrent: int = 1) -> None:
 def build_trainer(cfg: RunConfig, run_name: str, callbacks: list[Any] | None = None, console: Any = None) -> Any:
     """The TorchTrainer of one training run (`train_worker` on `cfg.scaling`); `callbacks` are Ray Train
     `UserCallback`s, e.g. Tune's `TuneReportCallback` when the run is one trial of a sweep; `console` the
-    driver's progress queue (`otmel.train.console.DriverConsole.open_channel`), or None."""
+    driver's progress queue (`otmel.train.driver.console.DriverConsole.open_channel`), or None."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from otmel.train.loop import train_worker
+    from otmel.train.worker.loop import train_worker
 
     run_dir = local_run_dir(cfg, run_name)
     return TorchTrainer(
@@ -131,7 +131,7 @@ def fit(cfg: RunConfig, run_name: str, *, show_epochs: bool = False) -> dict[str
     """Run the TorchTrainer; returns results (also written to RUN_DIR/results.json). Quiet console
     (`run.console`): worker output goes to RUN_DIR/logs/; with `show_epochs`, a progress bar and one line per
     epoch on this console."""
-    from otmel.train.console import DriverConsole
+    from otmel.train.driver.console import DriverConsole
 
     con = DriverConsole(local_run_dir(cfg, run_name), cfg.train.epochs, verbose=cfg.run.console == "verbose")
     con.capture_logs()

@@ -1,0 +1,1 @@
+"""Drivers: code that starts and drives runs on Ray (train, tune, ablate, study) and shows them on the console."""
