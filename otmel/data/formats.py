@@ -147,10 +147,19 @@ def read_cleaned(src: Path) -> RawDataset:
     if not kb_path.is_file():
         raise FileNotFoundError(f"{src}: no kb_entity.json (is this the cleaned layout?)")
     ds = RawDataset(entities=[], splits={})
-    kb_images = ImageFolder(src / "kb_image")
+    entities = _order_by_qid2id(src / "qid2id.json", _cleaned_entities(kb_path, ImageFolder(src / "kb_image"), ds),
+                                ds)
+    ds.entities = [rec for rec, _ in entities]
+    ds.entity_images = [ref for _, ref in entities]
+    _cleaned_mentions(src, ImageFolder(src / "mention_image"), ds)
+    return ds
+
+
+def _cleaned_entities(kb_path: Path, kb_images: ImageFolder, ds: RawDataset) -> list[tuple[EntityRecord, ImageRef]]:
+    """The entity rows of kb_entity.json; bad rows are recorded in `ds.bad` and skipped."""
     rows = _load_json(kb_path)
     if not isinstance(rows, list):
-        raise ValueError(f"{kb_path}: expected a JSON list of entities")
+        raise InputFileError(f"{kb_path}: expected a JSON list of entities")
     entities: list[tuple[EntityRecord, ImageRef]] = []
     seen: set[str] = set()
     for pos, row in enumerate(rows):
@@ -174,25 +183,29 @@ def read_cleaned(src: Path) -> RawDataset:
         images = row.get("image_list") or []
         rec = EntityRecord(qid=qid, name=unquote(name), attrs=join_attrs(row.get("attr")))
         entities.append((rec, kb_images.ref(images if isinstance(images, list) else [images])))
+    return entities
 
-    qid2id_path = src / "qid2id.json"
-    if qid2id_path.is_file():
-        with qid2id_path.open(encoding="utf-8") as f:
-            try:
-                qid2id = json.loads(f.readline())
-            except json.JSONDecodeError as exc:
-                raise InputFileError(f"{f.name}: line 1 is not valid JSON: {exc.msg}") from None
-        rows_of = [qid2id.get(rec.qid) for rec, _ in entities]
-        ds.stats["kb_entities_not_in_qid2id"] = sum(r is None for r in rows_of)
-        order = sorted(
-            range(len(entities)),
-            key=lambda i: (rows_of[i] is None, rows_of[i] if rows_of[i] is not None else 0, i),
-        )
-        entities = [entities[i] for i in order]
-    ds.entities = [rec for rec, _ in entities]
-    ds.entity_images = [ref for _, ref in entities]
 
-    mention_images = ImageFolder(src / "mention_image")
+def _order_by_qid2id(qid2id_path: Path, entities: list[tuple[EntityRecord, ImageRef]], ds: RawDataset
+                     ) -> list[tuple[EntityRecord, ImageRef]]:
+    """Entities in the row order of qid2id.json (one JSON object on its first line) when present; entities it
+    lacks go last, in file order (counted in `ds.stats`)."""
+    if not qid2id_path.is_file():
+        return entities
+    with qid2id_path.open(encoding="utf-8") as f:
+        try:
+            qid2id = json.loads(f.readline())
+        except json.JSONDecodeError as exc:
+            raise InputFileError(f"{f.name}: line 1 is not valid JSON: {exc.msg}") from None
+    rows_of = [qid2id.get(rec.qid) for rec, _ in entities]
+    ds.stats["kb_entities_not_in_qid2id"] = sum(r is None for r in rows_of)
+    order = sorted(range(len(entities)),
+                   key=lambda i: (rows_of[i] is None, rows_of[i] if rows_of[i] is not None else 0, i))
+    return [entities[i] for i in order]
+
+
+def _cleaned_mentions(src: Path, mention_images: ImageFolder, ds: RawDataset) -> None:
+    """The mentions of every split file into `ds.splits` (bad rows recorded, duplicates dropped)."""
     seen_ids: set[str] = set()
     for split in SPLITS:
         sink = _MentionSink(ds, split, seen_ids)
@@ -203,7 +216,7 @@ def read_cleaned(src: Path) -> RawDataset:
         ds.split_files[split] = path.name
         data = _load_json(path)
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of mentions")
+            raise InputFileError(f"{path}: expected a JSON list of mentions")
         for pos, row in enumerate(data):
             row_id = _text(row.get("id")) if isinstance(row, dict) else None
             if row_id is None or _text(row.get("sentence")) is None:
@@ -214,7 +227,6 @@ def read_cleaned(src: Path) -> RawDataset:
             ref = mention_images.ref(row.get("imgPath"))
             for mid, mention, answer, _ in expanded or []:
                 sink.add(MentionRecord(mid, mention, row["sentence"], answer), ref)
-    return ds
 
 
 # ------------------------------------------------------------------------------------------ melbench
