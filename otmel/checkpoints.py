@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from otmel.config import ModelConfig
 from otmel.data.shards import sha256_file
+from otmel.io import atomic_json, atomic_path
 from otmel.model import OTMEL
 
 # The files of a checkpoint directory (written by `otmel.train.worker.checkpoint`) and of a run directory.
@@ -107,13 +108,9 @@ def save_model_checkpoint(directory: str | Path, model: OTMEL, extra_state: dict
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (MODEL_FILE + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp),
-              metadata={"format": "otmel-checkpoint-1"})
-    tmp.replace(out / MODEL_FILE)
-    # RunConfig.__post_init__ resolves a model section given as a dict (and records it as model_spec)
-    state = {**(extra_state or {}), "config": RunConfig(model=cast(ModelConfig, model.cfg.to_dict())).to_dict()}
-    tmp = out / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-    tmp.replace(out / STATE_FILE)
+    with atomic_path(out / MODEL_FILE) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={"format": "otmel-checkpoint-1"})
+    state = {**(extra_state or {}), "config": RunConfig(model=model.cfg).to_dict()}
+    atomic_json(out / STATE_FILE, state, indent=2, sort_keys=True)
     return out

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from otmel.io import atomic_write
 
 Obj = tuple[str, str]  # (colour, shape)
 
@@ -178,11 +179,7 @@ def colour_pixel_counts(img: Image.Image, tol: int = 35) -> dict[str, int]:
     return out
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary name beside `path`, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+write_atomic = atomic_write  # `otmel.io.atomic_write`: a temporary name beside `path`, then renamed over it
 
 
 # (side "kb" | "mention", index, objects, output path, index of the object drawn larger or -1)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from otmel.io import atomic_json
 from otmel.runconfig import RunConfig, check_files, load_config
 
 DEFAULT_CONFIG = "configs/synth.yaml"
@@ -121,9 +122,7 @@ def run_trainer(trainer: Any, cfg: RunConfig, run_name: str) -> dict[str, Any]:
         "config": cfg.to_dict(),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
-    tmp.replace(run_dir / "results.json")
+    atomic_json(run_dir / "results.json", results, indent=2, sort_keys=True, default=str)
     return results
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from otmel.analysis.study_tables import study_markdown
+from otmel.io import atomic_write
 from otmel.runconfig import load_config
 from otmel.train.driver.launch import DEFAULT_CONFIG, _absolute, fit, prepare_data
 
@@ -51,10 +52,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return list(latest.values())
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+_write_text = atomic_write
 
 
 def _check_plan(study: Path, plan: dict[str, Any]) -> None:

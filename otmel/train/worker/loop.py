@@ -27,7 +27,7 @@ from otmel.loss import OTMELLoss
 from otmel.model import OTMEL
 from otmel.model.encoder import build_preprocessor
 from otmel.model.modes import eval_mode
-from otmel.runconfig import RunConfig
+from otmel.runconfig import DataConfig, RunConfig
 from otmel.train.worker.checkpoint import load_checkpoint, load_extra, save_checkpoint
 from otmel.train.worker.distributed import entity_pool_for
 from otmel.train.worker.engine import Engine
@@ -52,9 +52,10 @@ def steps_per_epoch(cfg: RunConfig, world_size: int) -> int:
     return max(1, n_train // (cfg.train.batch_size * world_size))
 
 
-def _maybe_inject_fault(cfg: RunConfig, global_step: int, rank: int, world_size: int, run_dir: Path) -> None:
+def _maybe_inject_fault(fail_at_step: int | None, global_step: int, rank: int, world_size: int, run_dir: Path
+                        ) -> None:
     """Fault injection for tests: one worker dies once, abruptly, at `fail_at_step`."""
-    if cfg.train.fail_at_step is None or global_step != cfg.train.fail_at_step:
+    if fail_at_step is None or global_step != fail_at_step:
         return
     if rank != (1 if world_size > 1 else 0):
         return
@@ -69,13 +70,13 @@ def _maybe_inject_fault(cfg: RunConfig, global_step: int, rank: int, world_size:
 class Evaluator:
     """Whole-KG evaluation of one or more splits, sharing one entity cache per call."""
 
-    def __init__(self, cfg: RunConfig, preprocessor: Any, rank: int, world_size: int) -> None:
-        self.cfg, self.pre, self.rank, self.world = cfg, preprocessor, rank, world_size
+    def __init__(self, data: DataConfig, eval_batch_size: int, preprocessor: Any, rank: int, world_size: int) -> None:
+        self.data, self.batch_size, self.pre = data, eval_batch_size, preprocessor
+        self.rank, self.world = rank, world_size
 
     def __call__(self, model: OTMEL, splits: list[str]) -> dict[str, float]:
-        shards, kw = Path(self.cfg.data.shards), dict(
-            batch_size=self.cfg.train.eval_batch_size, rank=self.rank, world_size=self.world,
-            num_workers=self.cfg.data.num_workers,
+        shards, kw = Path(self.data.shards), dict(
+            batch_size=self.batch_size, rank=self.rank, world_size=self.world, num_workers=self.data.num_workers,
         )
         with eval_mode(model):
             cache = encode_kg(model, kg_loader(shards, self.pre, **kw))
@@ -123,8 +124,8 @@ class Worker:
         self.loss_fn = OTMELLoss(cfg.model.kd, cfg.model.kd_weight, cfg.model.kd_target)
         self.pool = entity_pool_for(cfg.train.negatives, self.rank, self.world,
                                     gather_with_grad=cfg.train.gather_with_grad)
-        self.evaluate = Evaluator(cfg, self.pre, self.rank, self.world)
-        self.hard = (HardNegativeSchedule(cfg, self.pre, self.rank, self.world)
+        self.evaluate = Evaluator(cfg.data, cfg.train.eval_batch_size, self.pre, self.rank, self.world)
+        self.hard = (HardNegativeSchedule(cfg.train, cfg.data, self.pre, self.rank, self.world)
                      if cfg.train.hard_negatives != "none" else None)
         self.best: dict[str, torch.Tensor] | None  # the best-dev-MRR weights so far
         self.state, self.best = TrainState(), None
@@ -168,7 +169,7 @@ class Worker:
         for i, batch in enumerate(loader):
             if i < skip:
                 continue  # the batches consumed before the checkpoint we resumed from
-            _maybe_inject_fault(cfg, st.global_step, self.rank, self.world, self.run_dir)
+            _maybe_inject_fault(cfg.train.fail_at_step, st.global_step, self.rank, self.world, self.run_dir)
             if self.hard is not None:
                 batch = self.hard.augment(batch, epoch, i)
             terms = self.loss_fn(**self.engine(batch, entity_pool=self.pool))

@@ -26,7 +26,7 @@ from otmel.model import OTMEL, EntityFeatures
 from otmel.model.encoder import image_size_of
 from otmel.model.first_stage import FirstStage, first_stage_scores
 from otmel.model.modes import eval_mode
-from otmel.runconfig import RunConfig
+from otmel.runconfig import DataConfig, TrainConfig
 from otmel.train.worker.distributed import all_gather_uneven
 from otmel.train.worker.evaluate import empty_batch
 
@@ -91,12 +91,13 @@ class HardNegativeSchedule:
     once, mined when due) and the per-step draw. The mined table is checkpointed (`state_tensors` / `restore`),
     so a run resumed inside an epoch uses the table that epoch started with."""
 
-    def __init__(self, cfg: RunConfig, preprocessor: Preprocessor, rank: int, world_size: int) -> None:
+    def __init__(self, train: TrainConfig, data: DataConfig, preprocessor: Preprocessor, rank: int,
+                 world_size: int) -> None:
         from otmel.data.hard_negatives import EntityStore, HardNegatives, lexical_table
 
-        t = cfg.train
-        self.cfg, self.pre, self.rank, self.world = cfg, preprocessor, rank, world_size
-        shards = Path(cfg.data.shards)
+        t = train
+        self.train, self.data, self.pre, self.rank, self.world = train, data, preprocessor, rank, world_size
+        shards = Path(data.shards)
         self.n_train = split_counts(shards)["train"]
         self.hard = HardNegatives(EntityStore(shards), preprocessor, t.hard_per_mention, num_entities(shards))
         self.lexical = lexical_table(shards, t.hard_pool) if t.hard_negatives in ("lexical", "both") else None
@@ -104,7 +105,7 @@ class HardNegativeSchedule:
         self.mined_epoch = -1
 
     def due(self, epoch: int) -> bool:
-        t = self.cfg.train
+        t = self.train
         return t.hard_negatives in ("mined", "both") and epoch >= t.mine_start and \
             (epoch - t.mine_start) % t.mine_every == 0
 
@@ -113,13 +114,13 @@ class HardNegativeSchedule:
         out: dict[str, float] = {}
         if self.due(epoch) and self.mined_epoch != epoch:
             t0 = time.perf_counter()
-            shards, kw = Path(self.cfg.data.shards), dict(
-                batch_size=self.cfg.train.eval_batch_size, rank=self.rank, world_size=self.world,
-                num_workers=self.cfg.data.num_workers)
+            shards, kw = Path(self.data.shards), dict(
+                batch_size=self.train.eval_batch_size, rank=self.rank, world_size=self.world,
+                num_workers=self.data.num_workers)
             self.mined = mine_hard_negatives(
                 model, kg_loader(shards, self.pre, **kw), eval_loader(shards, "train", self.pre, **kw),
-                k=self.cfg.train.hard_pool, n_train=self.n_train, world_size=self.world,
-                image_size=image_size_of(model.cfg), first_stage=self.cfg.train.mine_first_stage)
+                k=self.train.hard_pool, n_train=self.n_train, world_size=self.world,
+                image_size=image_size_of(model.cfg), first_stage=self.train.mine_first_stage)
             self.mined_epoch = epoch
             out["hard/mine_seconds"] = time.perf_counter() - t0
         table = combine_tables(self.mined, self.lexical)
@@ -129,7 +130,7 @@ class HardNegativeSchedule:
         return out
 
     def augment(self, batch: dict[str, torch.Tensor], epoch: int, step: int) -> dict[str, torch.Tensor]:
-        return self.hard.augment(batch, hard_negative_seed(self.cfg.train.seed, epoch, self.rank, step))
+        return self.hard.augment(batch, hard_negative_seed(self.train.seed, epoch, self.rank, step))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         if self.mined is None:
