@@ -8,7 +8,7 @@ At a fixed budget of ``n_iters`` iterations the kernel path of :func:`otmel.ot.s
     K_{ij} = \\exp(-C_{ij} / \\mathrm{reg}), \\qquad
     C_{ij} = (1 - \\cos(x_i, y_j)) / 2,
 
-and the correlation assignment is :math:`A = n_{valid}\\,\\Pi` (:func:`otmel.ot.plan_to_assignment`). Everything
+and the correlation assignment is :math:`A = n_{valid}\\,\\Pi` (:func:`otmel.ot_costs.plan_to_assignment`). Everything
 the matcher needs from A is a product with it: :math:`A H` (``matmul``) and :math:`w^\\top A` (``rmatmul``). Kept
 as the triple :math:`(r = n_{valid} u,\\; K,\\; c = v)`, each product is one pass over K, and the dense
 (..., n, m) plan, its column-scaled copy and the assignment are never written. The kernel is built in two
@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from otmel.ot import _KERNEL_MAX_RANGE, _Marginals, pairwise_dot, reg_number
+from otmel.ot import _KERNEL_MAX_RANGE, _Marginals, reg_number
+from otmel.ot_costs import pairwise_dot
 
 __all__ = ["ScaledKernel", "cosine_ot_assignment", "factored_ok"]
 

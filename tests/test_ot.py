@@ -12,7 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from otmel.ot import SinkhornNotConvergedWarning, cosine_cost, pairwise_dot, plan_to_assignment, sinkhorn
+from otmel.ot import SinkhornNotConvergedWarning, sinkhorn
+from otmel.ot_costs import cosine_cost, pairwise_dot, plan_to_assignment
 from otmel.ot_factored import cosine_ot_assignment, factored_ok
 
 METHODS = ("log", "kernel", "auto")

@@ -25,7 +25,8 @@ import torch
 from otmel.data.transforms import CLIP_MEAN, CLIP_STD
 from otmel.link.linker import ImageInput, LinkedEntity, Linker
 from otmel.model.assign import CorrelationAssignment, masked_softmax
-from otmel.ot import cosine_cost, plan_to_assignment, sinkhorn
+from otmel.ot import sinkhorn
+from otmel.ot_costs import cosine_cost, plan_to_assignment
 
 ATT, PLAN = "attention softmax(QKᵀ/√h)", "OT plan n·Π*"
 

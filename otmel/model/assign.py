@@ -35,7 +35,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from otmel.ot import cosine_cost, pairwise_dot, plan_to_assignment, reg_number, sinkhorn
+from otmel.ot import reg_number, sinkhorn
+from otmel.ot_costs import cosine_cost, pairwise_dot, plan_to_assignment
 from otmel.ot_factored import ScaledKernel, cosine_ot_assignment, factored_ok
 
 Mode = Literal["teacher", "student", "both"]
