@@ -72,14 +72,16 @@ class WorkerConsole:
             self._pending, self._last = 0, now
 
     def end_epoch(self, metrics: dict[str, Any]) -> None:
+        """Close the bar; rank 0 sends the epoch's summary to the driver (with or without a progress bar)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if self.progress and self.channel is not None:
-            if self._pending:
-                self._send(("step", self._pending, float(metrics.get("train/loss", float("nan")))))
-                self._pending = 0
-            self._send(("epoch_end", {k: v for k, v in metrics.items() if isinstance(v, int | float)}))
+        if self.rank != 0 or self.channel is None:
+            return
+        if self._pending:
+            self._send(("step", self._pending, float(metrics.get("train/loss", float("nan")))))
+            self._pending = 0
+        self._send(("epoch_end", {k: v for k, v in metrics.items() if isinstance(v, int | float)}))
 
 
 __all__ = ["LOG_DIR", "WorkerConsole"]
