@@ -3,7 +3,8 @@ then rename it over the target (atomic on POSIX within one file system).
 
 `atomic_path(path)` is the general form: it yields the temporary path for any writer (``torch.save``,
 ``safetensors.save_file``, ``json.dump``) and renames it on success, removing it on failure. `atomic_write` writes
-bytes or text. The temporary name carries the process id, so two processes writing one target never share it.
+bytes or text. The temporary name carries the process id (`.NAME.tmp-PID`), so two processes writing one target
+never share it, and `otmel pack` recognises its leftovers.
 """
 
 from __future__ import annotations
@@ -16,17 +17,33 @@ from pathlib import Path
 from typing import Any
 
 
+def _fsync(path: Path, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on a clean exit rename it onto `path`, on an error remove it."""
+    """Yield a temporary path beside `path` (`.NAME.tmp-PID`); on a clean exit fsync it, rename it onto `path` and
+    fsync the folder (so the rename survives a power loss); on an error remove it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync(path.parent, directory=True)
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:

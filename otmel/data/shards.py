@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from otmel.io import atomic_write
+
 
 class ShardError(RuntimeError):
     """A shard is missing, truncated or corrupt, or disagrees with the manifest. The message names it."""
@@ -43,20 +45,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically: temp file in the same folder, fsync, `os.replace`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+atomic_write_bytes = atomic_write  # `otmel.io.atomic_write`: temp file in the same folder, fsync, `os.replace`
 
 
 def _fsync_dir(folder: Path) -> None:
