@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The issue-12 seed studies (docs/studies/PLAN.md), interleaved seed-major so that every stop leaves paired
 # seeds of both studies. Resumable: re-run it and finished trials are skipped (otmel study reads rows.jsonl).
-# Tables: runs/studies/{fidelity-synth,sets-synth}/summary.md. Usage: bash scripts/run_studies.sh [SEEDS...]
+# Then (unless MELBENCH=0) the real-data study: OT vs CLS vs A1 with the MiniLM tower on MELBench Richpedia-MEL,
+# 3 seeds at the budget of docs/results.md (2 epochs; ~15-20 min a trial on 2 cores).
+# Tables: runs/studies/{fidelity-synth,sets-synth,melbench-rp}/summary.md. Usage: bash scripts/run_studies.sh [SEEDS...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline DS_ACCELERATOR=cpu
@@ -18,3 +20,7 @@ for s in "${seeds[@]}"; do
         $OTMEL tune --search configs/search/reg.yaml --name reg-synth-e3-probe train.epochs=3 wandb.enabled=false
     fi
 done
+if [ "${MELBENCH:-1}" = "1" ]; then
+    $OTMEL study --config configs/melbench-richpedia.yaml --name melbench-rp --variants OT,CLS,A1 --seeds 0-2 \
+        --pairs OT-CLS,OT-A1,A1-CLS train.epochs=2 train.eval_every=2 "${COMMON[@]}"
+fi
