@@ -40,6 +40,10 @@ class DataConfig:
     split_seed: int = 0  # MELBench's seeded 70/10/20 split
     num_workers: int = 1  # DataLoader worker processes per training worker (decode + preprocessing)
     shuffle_buffer: int = 1000
+    # Every shard's sha256 (and size) is checked as it is read, before its first sample reaches the model.
+    # "fail": a bad shard stops the run with its name; "skip": a bad *training* shard is skipped for the rest of
+    # the run (warned, counted as data/skipped_shards in results.json and W&B). Evaluation shards always fail.
+    integrity: Literal["fail", "skip"] = "fail"
 
     def __post_init__(self) -> None:
         _require("data", {"num_workers": (self.num_workers >= 0, ">= 0"),

@@ -22,17 +22,18 @@ import hashlib
 import json
 import math
 import random
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from otmel.data.manifest import KG, read_manifest, shard_infos
-from otmel.data.shards import ShardInfo, iter_shard
+from otmel.data.shards import ShardError, ShardInfo, ShardIntegrityError, iter_shard
 from otmel.data.transforms import Preprocessor
 
 Batch = dict[str, torch.Tensor]
@@ -138,17 +139,46 @@ class SeededShuffle:
         yield from buf
 
 
-class ShardReader:
-    """Reads the samples of each incoming shard, checking its size and sample count against the manifest."""
+Integrity = Literal["fail", "skip", "off"]
 
-    def __init__(self, infos: dict[str, ShardInfo]) -> None:
-        self.infos = infos
+
+class ShardReader:
+    """Reads the samples of each incoming shard, checking its size, sha256 and sample count against the manifest
+    before the first sample is yielded. `integrity`: "fail" raises `ShardError` naming the shard; "skip" (the
+    training stream's option) drops a bad shard for the rest of the stream — warned once; every sample carries
+    how many distinct shards its reader has dropped so far (`StreamLoader.image_stats["skipped_shards"]` sums the
+    per-reader maxima, so the count survives shuffle buffers); "off" skips the hash (benchmarks only)."""
+
+    def __init__(self, infos: dict[str, ShardInfo], integrity: Integrity = "fail") -> None:
+        self.infos, self.integrity = infos, integrity
+        self.bad: set[str] = set()
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        since_good = 0
+        worker = _worker()[0]
         for item in src:
             url = item["url"]
+            if url in self.bad:
+                since_good += 1
+                if since_good > 4 * len(self.infos) + 8:  # every shard this stream can reach is bad
+                    raise ShardError(f"every training shard this worker reads failed its integrity check "
+                                     f"(skipped: {sorted(self.bad)})")
+                continue
             info = self.infos[url]
-            yield from iter_shard(Path(url), expected_samples=info.samples, expected_bytes=info.bytes)
+            sha = None if self.integrity == "off" else info.sha256
+            try:
+                for sample in iter_shard(Path(url), expected_samples=info.samples, expected_bytes=info.bytes,
+                                         expected_sha256=sha):
+                    extra = cast("dict[str, Any]", sample)
+                    extra["__bad__"], extra["__reader__"], since_good = len(self.bad), worker, 0
+                    yield sample
+            except ShardIntegrityError as exc:  # size or sha256: raised before the shard's first sample
+                if self.integrity != "skip":
+                    raise
+                self.bad.add(url)
+                warnings.warn(f"{exc}; skipping this shard for the rest of the run (data.integrity=skip)",
+                              stacklevel=2)
+
 
 
 class SampleMap:
@@ -175,6 +205,8 @@ class SampleMap:
                 out.update(self.pre.entity({**meta["entity"], "image": sample.get("e.jpg")}))
         out["e_index"] = torch.tensor(meta["e_index"], dtype=torch.long)
         after = self.pre.image_stats
+        out["_bad_shards"] = torch.tensor(int(sample.get("__bad__", 0)), dtype=torch.long)
+        out["_reader"] = torch.tensor(int(sample.get("__reader__", 0)), dtype=torch.long)
         out["_missing_images"] = torch.tensor(after["missing"] - before["missing"], dtype=torch.long)
         out["_unreadable_images"] = torch.tensor(after["unreadable"] - before["unreadable"], dtype=torch.long)
         return out
@@ -206,6 +238,7 @@ class StreamLoader:
     def __init__(self, loader: Iterable[Batch], num_batches: int, num_samples: int) -> None:
         self.loader, self.num_batches, self.num_samples = loader, num_batches, num_samples
         self.image_stats: Counter = Counter()
+        self._bad: dict[int, int] = {}  # reader (DataLoader worker) -> distinct shards it dropped
 
     def __len__(self) -> int:
         return self.num_batches
@@ -214,6 +247,10 @@ class StreamLoader:
         for batch in self.loader:
             for key in _STAT_KEYS:
                 self.image_stats[key.strip("_")] += int(batch.pop(key).sum())
+            bad, reader = batch.pop("_bad_shards"), batch.pop("_reader")
+            for r, b in zip(reader.tolist(), bad.tolist(), strict=True):
+                self._bad[r] = max(self._bad.get(r, 0), b)
+            self.image_stats["skipped_shards"] = sum(self._bad.values())
             yield batch
 
 
@@ -223,11 +260,12 @@ def _infos(shard_dir: Path, split: str) -> list[ShardInfo]:
 
 
 def _pipeline(
-    infos: list[ShardInfo], shard_dir: Path, split: list[Callable], after: list[Callable]
+    infos: list[ShardInfo], shard_dir: Path, split: list[Callable], after: list[Callable],
+    integrity: Integrity = "fail",
 ) -> wds.DataPipeline:
     """shard list → `split` stages (rank / worker / resampling) → checked tar reading → `after` stages."""
     urls = [str(Path(shard_dir) / s.name) for s in infos]
-    reader = ShardReader(dict(zip(urls, infos, strict=True)))
+    reader = ShardReader(dict(zip(urls, infos, strict=True)), integrity)
     return wds.DataPipeline(ShardList(urls), *split, reader, *after)
 
 
@@ -255,6 +293,7 @@ def train_loader(
     num_workers: int = 0,
     shuffle_buffer: int = 1000,
     mix_workers: bool = False,
+    integrity: Integrity = "fail",
 ) -> StreamLoader:
     """The training stream of rank `rank`: `steps_per_epoch` batches of `batch_size` mention + gold-entity
     samples. Deterministic in (seed, epoch, rank, world_size, num_workers, batch_size, shuffle_buffer).
@@ -285,6 +324,7 @@ def train_loader(
             SampleMap(preprocessor, "train"),
             wds.batched(worker_batch, collation_fn=collate, partial=False),
         ],
+        integrity,
     )
     loader = _web_loader(dataset, num_workers)
     if mix:

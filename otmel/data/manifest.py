@@ -119,6 +119,28 @@ def verify(shard_dir: Path, *, deep: bool = True) -> VerifyReport:
     return report
 
 
+def preflight(shard_dir: Path, *, skip_train: bool = False) -> list[str]:
+    """The cheap check a run makes before it starts (no hashing: presence and byte size of every shard of every
+    split, seconds for any pack). Raises `ShardError` listing the bad shards; with `skip_train`, bad *training*
+    shards are returned instead (the stream will skip them) while bad dev / test / KG shards still raise —
+    skipping evaluation data would silently change the metrics."""
+    manifest = read_manifest(Path(shard_dir))
+    fatal: list[str] = []
+    skipped: list[str] = []
+    for split, shards in manifest["shards"].items():
+        for entry in shards:
+            info = ShardInfo(**entry)
+            path = Path(shard_dir) / info.name
+            problem = "missing" if not path.is_file() else (
+                None if path.stat().st_size == info.bytes else
+                f"{path.stat().st_size} bytes, manifest says {info.bytes} (truncated or replaced)")
+            if problem:
+                (skipped if skip_train and split == "train" else fatal).append(f"{path}: {problem}")
+    if fatal:
+        raise ShardError(f"{len(fatal)} bad shard(s) in {shard_dir} (run `otmel verify`): " + "; ".join(fatal))
+    return skipped
+
+
 def _check_shard(path: Path, info: ShardInfo, deep: bool) -> str | None:
     if not path.is_file():
         return "missing"

@@ -16,11 +16,17 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from otmel.errors import UserError
 from otmel.io import atomic_write
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A shard is missing, truncated or corrupt, or disagrees with the manifest. The message names it."""
+
+
+class ShardIntegrityError(ShardError):
+    """A shard's size or bytes differ from the manifest (truncated, replaced, bit rot), found before any of its
+    samples is read."""
 
 
 @dataclass
@@ -139,13 +145,16 @@ class ShardSetWriter:
 
 
 def iter_shard(
-    path: Path, *, expected_samples: int | None = None, expected_bytes: int | None = None
+    path: Path, *, expected_samples: int | None = None, expected_bytes: int | None = None,
+    expected_sha256: str | None = None,
 ) -> Iterator[dict[str, bytes | str]]:
     """Samples of one shard, as dicts `{"__key__": key, "__url__": path, EXT: bytes, ...}`, in tar order.
 
     Raises `ShardError` naming the shard when it is missing, its size differs from `expected_bytes`, the tar
     is truncated or corrupt, or it holds a number of samples other than `expected_samples` (a tar cut at a
-    member boundary reads as a shorter valid tar, hence the count check).
+    member boundary reads as a shorter valid tar, hence the count check). With `expected_sha256` the whole shard
+    is read into memory and hashed *before* its first sample is yielded (shards are a few MB): a mismatch raises
+    `ShardIntegrityError` and no sample of that shard ever reaches the caller.
     """
     path = Path(path)
     try:
@@ -153,14 +162,25 @@ def iter_shard(
     except OSError as exc:
         raise ShardError(f"shard {path}: cannot be read ({exc})") from exc
     if expected_bytes is not None and size != expected_bytes:
-        raise ShardError(
+        raise ShardIntegrityError(
             f"shard {path}: {size} bytes, the manifest says {expected_bytes} (truncated or replaced; "
             "run `otmel verify`)"
         )
     count = 0
     current: dict[str, bytes | str] | None = None
+    source: io.BufferedReader | io.BytesIO
     try:
-        with path.open("rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        if expected_sha256 is not None:
+            blob = path.read_bytes()
+            digest = hashlib.sha256(blob).hexdigest()
+            if digest != expected_sha256:
+                raise ShardIntegrityError(
+                    f"shard {path}: sha256 {digest[:12]}..., the manifest says {expected_sha256[:12]}... (corrupt "
+                    "or replaced; run `otmel verify`)")
+            source = io.BytesIO(blob)
+        else:
+            source = path.open("rb")
+        with source as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for member in tar:
                 if not member.isreg():
                     continue

@@ -23,6 +23,11 @@ def prepare_data(cfg: RunConfig) -> None:
     check_files(cfg)
     shards = Path(cfg.data.shards)
     if (shards / "manifest.json").exists():
+        from otmel.data.manifest import preflight
+
+        for problem in preflight(shards, skip_train=cfg.data.integrity == "skip"):
+            print(f"[otmel] warning: {problem}: this training shard will be skipped (data.integrity=skip)",
+                  flush=True)
         return
     src = Path(cfg.data.source)
     if cfg.data.format == "cleaned" and cfg.data.synth_if_missing and not (src / "synth_stats.json").exists():

@@ -161,3 +161,13 @@ __all__ = [
     "AllGather", "EntityPool", "all_gather_tensor_uneven", "all_gather_uneven", "default_all_gather",
     "entity_pool_for", "gather_features", "make_entity_pool",
 ]
+
+
+def all_reduce_sum(value: float, world_size: int) -> float:
+    """The sum of a number over ranks (the number itself with world_size 1: no collective)."""
+    if world_size <= 1:
+        return float(value)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces CUDA tensors only
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t[0])

@@ -29,7 +29,7 @@ from otmel.model.encoder import build_preprocessor
 from otmel.model.modes import eval_mode
 from otmel.runconfig import DataConfig, RunConfig
 from otmel.train.worker.checkpoint import load_checkpoint, load_extra, save_checkpoint
-from otmel.train.worker.distributed import entity_pool_for
+from otmel.train.worker.distributed import all_reduce_sum, entity_pool_for
 from otmel.train.worker.engine import Engine
 from otmel.train.worker.evaluate import encode_kg, evaluate_split
 from otmel.train.worker.mining import HardNegativeSchedule
@@ -161,7 +161,7 @@ class Worker:
         loader = train_loader(Path(cfg.data.shards), self.pre, batch_size=cfg.train.batch_size,
                               steps_per_epoch=self.steps, epoch=epoch, seed=cfg.train.seed, rank=self.rank,
                               world_size=self.world, num_workers=cfg.data.num_workers,
-                              shuffle_buffer=cfg.data.shuffle_buffer)
+                              shuffle_buffer=cfg.data.shuffle_buffer, integrity=cfg.data.integrity)
         skip = st.step_in_epoch
         self.console.start_epoch(epoch, cfg.train.epochs, self.steps, skip)
         sums: dict[str, float] = {}
@@ -188,6 +188,8 @@ class Worker:
         metrics = {f"train/{k}": v / done for k, v in sums.items()}
         metrics.update({"epoch": epoch + 1, "global_step": st.global_step, "train/lr": self.engine.lr,
                         "train/samples_per_s": n_samples / max(time.perf_counter() - t0, 1e-9)} | hard_stats)
+        if cfg.data.integrity == "skip":  # shard reads skipped this epoch, summed over ranks
+            metrics["data/skipped_shards"] = float(all_reduce_sum(loader.image_stats["skipped_shards"], self.world))
         st.epoch, st.step_in_epoch = epoch + 1, 0
         return metrics
 
