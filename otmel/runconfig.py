@@ -130,7 +130,9 @@ class RunSection:
 
     def __post_init__(self) -> None:
         _require("run", {"max_failures": (self.max_failures >= -1, ">= -1 (-1: retry forever)"),
-                         "keep_checkpoints": (self.keep_checkpoints >= 1, ">= 1")}, self)
+                         "keep_checkpoints": (self.keep_checkpoints >= 2, ">= 2 (while the newest is written, "
+                                              "or if it is found corrupt, the one before it must still exist)")},
+                 self)
 
 
 @dataclass

@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from otmel.checkpoints import BEST_FILE, EXTRA_FILE, MODEL_FILE, STATE_FILE
+from otmel.data.shards import sha256_file
+from otmel.errors import UserError
 from otmel.io import atomic_json, atomic_path
 from otmel.train.worker.engine import Engine, load_state_file, save_state_file
 
@@ -68,18 +70,67 @@ def save_checkpoint(
     extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
     directory.mkdir(parents=True, exist_ok=True)
+    written = [f"optim-rank{rank}.pt"]
     save_state_file(
         {"optimizer": engine.optimizer_state(), "scheduler": engine.scheduler_state(), "rng": rng_state()},
-        directory / f"optim-rank{rank}.pt",
+        directory / written[0],
     )
     if rank == 0:
         meta = {"format": "otmel-checkpoint-1"}
         _atomic_safetensors(model.state_dict(), directory / MODEL_FILE, meta)
+        written.append(MODEL_FILE)
         if best is not None:
             _atomic_safetensors(best, directory / BEST_FILE, meta)
+            written.append(BEST_FILE)
         if extra:
             _atomic_safetensors(extra, directory / EXTRA_FILE, meta)
+            written.append(EXTRA_FILE)
         _atomic_json({**state, "config": config}, directory / STATE_FILE)
+        written.append(STATE_FILE)
+    # written last: a rank's part of a checkpoint is complete exactly when its manifest exists
+    _atomic_json({"files": {n: {"bytes": (directory / n).stat().st_size, "sha256": sha256_file(directory / n)}
+                            for n in written}}, directory / f"manifest-rank{rank}.json")
+
+
+class CheckpointCorruptError(UserError, RuntimeError):
+    """A checkpoint's file is missing or differs from its manifest (truncated, corrupted, half-written)."""
+
+
+def verify_checkpoint(directory: Path, rank: int) -> None:
+    """Check every rank's files against their manifests (so that all ranks judge a checkpoint alike and resume
+    from the same one); rank 0's (model, state) and `rank`'s own must be there. Raises `CheckpointCorruptError`
+    naming the first bad file."""
+    present = {int(p.name[len("manifest-rank"):-len(".json")]) for p in directory.glob("manifest-rank*.json")
+               if p.name[len("manifest-rank"):-len(".json")].isdigit()}
+    for r in sorted(present | {0, rank}):
+        mpath = directory / f"manifest-rank{r}.json"
+        try:
+            files = json.loads(mpath.read_text())["files"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointCorruptError(f"checkpoint {directory}: {mpath.name} missing or unreadable ({exc})") \
+                from None
+        for name, want in files.items():
+            path = directory / name
+            if not path.is_file():
+                raise CheckpointCorruptError(f"checkpoint {directory}: {name} is missing")
+            if path.stat().st_size != want["bytes"]:
+                raise CheckpointCorruptError(f"checkpoint {directory}: {name} has {path.stat().st_size} bytes, its "
+                                             f"manifest says {want['bytes']} (truncated)")
+            if sha256_file(path) != want["sha256"]:
+                raise CheckpointCorruptError(f"checkpoint {directory}: {name} differs from its manifest (sha256)")
+
+
+def previous_valid_checkpoint(latest: Path, rank: int) -> Path | None:
+    """The newest sibling `checkpoint_*` folder of `latest` (Ray Train names them by time) that verifies."""
+    for cand in sorted(latest.parent.glob("checkpoint_*"), reverse=True):
+        if cand.resolve() == latest.resolve() or not cand.is_dir():
+            continue
+        try:
+            verify_checkpoint(cand, rank)
+        except CheckpointCorruptError:
+            continue
+        return cand
+    return None
 
 
 def load_checkpoint(

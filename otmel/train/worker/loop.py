@@ -14,6 +14,7 @@ import os
 import random
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,14 @@ from otmel.model import OTMEL
 from otmel.model.encoder import build_preprocessor
 from otmel.model.modes import eval_mode
 from otmel.runconfig import DataConfig, RunConfig
-from otmel.train.worker.checkpoint import load_checkpoint, load_extra, save_checkpoint
+from otmel.train.worker.checkpoint import (
+    CheckpointCorruptError,
+    load_checkpoint,
+    load_extra,
+    previous_valid_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from otmel.train.worker.distributed import all_reduce_sum, entity_pool_for
 from otmel.train.worker.engine import Engine
 from otmel.train.worker.evaluate import encode_kg, evaluate_split
@@ -139,10 +147,19 @@ class Worker:
         if ckpt is None:
             return
         with ckpt.as_directory() as d:
-            st, self.best = load_checkpoint(Path(d), rank=self.rank, model=self.model, engine=self.engine)
+            directory = Path(d)
+            try:
+                verify_checkpoint(directory, self.rank)
+            except CheckpointCorruptError as exc:  # use the newest older checkpoint that verifies (local storage)
+                older = previous_valid_checkpoint(directory, self.rank)
+                if older is None:
+                    raise CheckpointCorruptError(f"{exc}; no older valid checkpoint beside it") from None
+                warnings.warn(f"{exc}; resuming from the older {older.name} instead", stacklevel=1)
+                directory = older
+            st, self.best = load_checkpoint(directory, rank=self.rank, model=self.model, engine=self.engine)
             self.state = TrainState.from_dict(st)
             if self.hard is not None:
-                self.hard.restore(load_extra(Path(d)))
+                self.hard.restore(load_extra(directory))
 
     def report(self, metrics: dict[str, float]) -> None:
         """Checkpoint (every rank writes its files) and report: a barrier every rank reaches equally often."""

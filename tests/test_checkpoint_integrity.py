@@ -1,0 +1,79 @@
+"""Checkpoints that cannot hurt: a manifest of sizes and sha256 per rank, verification on resume, and the
+fallback to the newest older checkpoint that verifies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from otmel.model import OTMEL
+from otmel.runconfig import load_config
+from otmel.train.worker.checkpoint import (
+    CheckpointCorruptError,
+    previous_valid_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from tests.model_helpers import random_batch, tiny_cfg
+from tests.test_train import _FakeEngine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _save(directory: Path, seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    model = OTMEL(tiny_cfg("OT"))
+    eng = _FakeEngine(model)
+    model(random_batch())["S_O"].sum().backward()
+    eng.opt.step()
+    st = {"epoch": 1, "step_in_epoch": 0, "global_step": 4, "best_mrr": 0.5, "best_epoch": 1, "history": []}
+    for rank in (0, 1):  # Ray Train merges every rank's files into one folder
+        save_checkpoint(directory, rank=rank, model=model, engine=eng, state=st, best=None,  # type: ignore[arg-type]
+                        config={"x": 1})
+
+
+def test_manifest_lists_every_file_and_verifies(tmp_path: Path) -> None:
+    ck = tmp_path / "checkpoint_2026-01-01_00-00-01"
+    _save(ck)
+    assert {p.name for p in ck.iterdir()} == {"model.safetensors", "state.json", "optim-rank0.pt", "optim-rank1.pt",
+                                              "manifest-rank0.json", "manifest-rank1.json"}
+    verify_checkpoint(ck, 0)
+    verify_checkpoint(ck, 1)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "no-manifest"])
+def test_a_damaged_checkpoint_is_reported_naming_the_file(tmp_path: Path, damage: str) -> None:
+    ck = tmp_path / "checkpoint_2026-01-01_00-00-01"
+    _save(ck)
+    f = ck / "model.safetensors"
+    if damage == "truncate":
+        f.write_bytes(f.read_bytes()[:100])
+    elif damage == "flip":
+        data = bytearray(f.read_bytes())
+        data[-50] ^= 0xFF
+        f.write_bytes(bytes(data))
+    elif damage == "delete":
+        f.unlink()
+    else:
+        (ck / "manifest-rank0.json").unlink()
+    name = "manifest-rank0.json" if damage == "no-manifest" else "model.safetensors"
+    with pytest.raises(CheckpointCorruptError, match=name):
+        verify_checkpoint(ck, 1)  # rank 1 checks rank 0's files too: the model lives there
+
+
+def test_fallback_finds_the_newest_older_valid_checkpoint(tmp_path: Path) -> None:
+    old, mid, new = (tmp_path / f"checkpoint_2026-01-01_00-00-0{i}" for i in (1, 2, 3))
+    for i, d in enumerate((old, mid, new)):
+        _save(d, seed=i)
+    (mid / "optim-rank1.pt").write_bytes(b"x")  # rank 1's part of mid is bad ...
+    (new / "state.json").write_text("{}")  # ... and the latest is bad
+    assert previous_valid_checkpoint(new, 0) == previous_valid_checkpoint(new, 1) == old  # every rank agrees
+    (old / "model.safetensors").unlink()
+    assert previous_valid_checkpoint(new, 1) is None
+
+
+def test_keep_checkpoints_keeps_a_previous_one() -> None:
+    with pytest.raises(ValueError, match="run.keep_checkpoints"):
+        load_config(ROOT / "configs/synth.yaml", ["run.keep_checkpoints=1"])
