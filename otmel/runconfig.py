@@ -73,6 +73,10 @@ class TrainConfig:
     eval_batch_size: int = 64
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: one per epoch)
     fail_at_step: int | None = None  # fault injection: rank 1 (or 0 alone) exits once at this global step
+    # A step whose loss is NaN / Inf on any rank is skipped on every rank (no backward, no optimizer or LR step; the
+    # weights stay as they were) and counted (train/nonfinite_steps); this many in a row stop the run with an
+    # error naming the step and the loss terms (0: stop at the first one).
+    max_nonfinite_steps: int = 10
     progress: bool = True  # progress bars on rank 0
     # Hard negatives (otmel/data/hard_negatives.py), off for the paper-faithful configs: per mention, add
     # `hard_per_mention` KG entities drawn from its `hard_pool` best candidates: "lexical" (homonyms of the gold,
@@ -97,6 +101,7 @@ class TrainConfig:
             "grad_clip": (self.grad_clip > 0, "> 0"),
             "checkpoint_every": (self.checkpoint_every >= 0, ">= 0 (0: once per epoch)"),
             "fail_at_step": (self.fail_at_step is None or self.fail_at_step >= 1, ">= 1 or null"),
+            "max_nonfinite_steps": (self.max_nonfinite_steps >= 0, ">= 0"),
         }
         if self.hard_negatives != "none":
             rules |= {"hard_per_mention": (self.hard_per_mention >= 1, ">= 1"),

@@ -1,5 +1,5 @@
-"""Checkpoints that cannot hurt: a manifest of sizes and sha256 per rank, verification on resume, and the
-fallback to the newest older checkpoint that verifies."""
+"""Checkpoints that cannot hurt (a manifest of sizes and sha256 per rank, verification on resume, and the
+fallback to the newest older checkpoint that verifies) and the NaN / Inf loss rule."""
 
 from __future__ import annotations
 
@@ -77,3 +77,21 @@ def test_fallback_finds_the_newest_older_valid_checkpoint(tmp_path: Path) -> Non
 def test_keep_checkpoints_keeps_a_previous_one() -> None:
     with pytest.raises(ValueError, match="run.keep_checkpoints"):
         load_config(ROOT / "configs/synth.yaml", ["run.keep_checkpoints=1"])
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run() -> None:
+    from otmel.train.worker.loop import NonFiniteGuard, NonFiniteLossError
+
+    g = NonFiniteGuard(limit=2, world_size=1)
+    ok = {"loss": torch.tensor(1.0), "L_O": torch.tensor(0.5)}
+    bad = {"loss": torch.tensor(float("nan")), "L_O": torch.tensor(float("inf"))}
+    assert g.skip(ok, 1) is False
+    assert g.skip(bad, 2) is True and g.skip(bad, 3) is True and g.total == 2
+    assert g.skip(ok, 4) is False and g.in_a_row == 0  # a finite step resets the run of bad ones
+    g.skip(bad, 5)
+    g.skip(bad, 6)
+    with pytest.raises(NonFiniteLossError, match=r"3 consecutive steps .* global step 7: .*'L_O': inf"):
+        g.skip(bad, 7)
+    strict = NonFiniteGuard(limit=0, world_size=1)
+    with pytest.raises(NonFiniteLossError):
+        strict.skip(bad, 1)

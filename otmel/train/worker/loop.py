@@ -95,6 +95,34 @@ class Evaluator:
         return out
 
 
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive training steps had a NaN / Inf loss (`train.max_nonfinite_steps`)."""
+
+
+class NonFiniteGuard:
+    """The rule for NaN / Inf losses: every rank learns whether *any* rank's loss is non-finite (one tiny all-reduce
+    per step, so all ranks skip together and no collective is left waiting); such a step is skipped; more than
+    `limit` in a row raise `NonFiniteLossError`."""
+
+    def __init__(self, limit: int, world_size: int) -> None:
+        self.limit, self.world = limit, world_size
+        self.in_a_row, self.total = 0, 0
+
+    def skip(self, terms: dict[str, torch.Tensor], step: int) -> bool:
+        """True when this step must be skipped (and counts it); raises past the limit."""
+        bad = 0.0 if bool(torch.isfinite(terms["loss"].detach()).all()) else 1.0
+        if all_reduce_sum(bad, self.world) == 0:
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row > self.limit:
+            values = {k: float(v.detach()) for k, v in terms.items() if v.numel() == 1}
+            raise NonFiniteLossError(f"{self.in_a_row} consecutive steps with a non-finite loss (train."
+                                     f"max_nonfinite_steps={self.limit}), the last at global step {step}: {values}")
+        return True
+
+
 @dataclass
 class TrainState:
     """Where a run is; checkpointed as state.json (with the run config) and restored on resume."""
@@ -137,6 +165,7 @@ class Worker:
                      if cfg.train.hard_negatives != "none" else None)
         self.best: dict[str, torch.Tensor] | None  # the best-dev-MRR weights so far
         self.state, self.best = TrainState(), None
+        self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps, self.world)
         self.config_dict = cfg.to_dict()
         self.tracker: Tracker | None = None
 
@@ -182,7 +211,7 @@ class Worker:
         skip = st.step_in_epoch
         self.console.start_epoch(epoch, cfg.train.epochs, self.steps, skip)
         sums: dict[str, float] = {}
-        t0, n_samples = time.perf_counter(), 0
+        t0, n_samples, finite = time.perf_counter(), 0, 0
         for i, batch in enumerate(loader):
             if i < skip:
                 continue  # the batches consumed before the checkpoint we resumed from
@@ -190,10 +219,13 @@ class Worker:
             if self.hard is not None:
                 batch = self.hard.augment(batch, epoch, i)
             terms = self.loss_fn(**self.engine(batch, entity_pool=self.pool))
-            self.engine.step(terms["loss"])
+            skipped = self.nonfinite.skip(terms, st.global_step + 1)
+            if not skipped:
+                self.engine.step(terms["loss"])
+                finite += 1
             st.global_step, st.step_in_epoch = st.global_step + 1, i + 1
             n_samples += len(batch["m_index"]) * self.world
-            for k, v in terms.items():
+            for k, v in terms.items() if not skipped else ():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             self.console.step(float(terms["loss"].detach()))
             if self.tracker is not None and st.global_step % 10 == 0:
@@ -201,10 +233,10 @@ class Worker:
                                  | {"train/lr": self.engine.lr}, st.global_step)
             if cfg.train.checkpoint_every and (i + 1) % cfg.train.checkpoint_every == 0 and i + 1 < self.steps:
                 self.report({"epoch": epoch, "global_step": st.global_step})
-        done = max(1, self.steps - skip)
-        metrics = {f"train/{k}": v / done for k, v in sums.items()}
+        metrics = {f"train/{k}": v / max(1, finite) for k, v in sums.items()}  # means over the steps taken
         metrics.update({"epoch": epoch + 1, "global_step": st.global_step, "train/lr": self.engine.lr,
                         "train/samples_per_s": n_samples / max(time.perf_counter() - t0, 1e-9)} | hard_stats)
+        metrics["train/nonfinite_steps"] = float(self.nonfinite.total)
         if cfg.data.integrity == "skip":  # shard reads skipped this epoch, summed over ranks
             metrics["data/skipped_shards"] = float(all_reduce_sum(loader.image_stats["skipped_shards"], self.world))
         st.epoch, st.step_in_epoch = epoch + 1, 0
