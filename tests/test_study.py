@@ -113,3 +113,23 @@ def test_study_cli_parses_and_rejects_bad_pairs(capsys: pytest.CaptureFixture[st
     assert _seed_list("0-2,5") == [0, 1, 2, 5]
     assert main(["study", "--name", "n", "--variants", "OT", "--pairs", "OTA1"]) == 2
     assert "each pair is A-B" in capsys.readouterr().err
+
+
+def test_seeds_accumulate_and_report_writes_the_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A queue runs one seed per invocation: the plan keeps every seed, and `--report` rewrites the tables."""
+    calls: list[str] = []
+    monkeypatch.setattr(study_mod, "prepare_data", lambda cfg: None)
+    monkeypatch.setattr(study_mod, "fit", _fake_fit(calls, fail=set()))
+    ov = [f"run.storage={tmp_path}"]
+    cfg = str(ROOT / "configs/synth.yaml")
+    for seed in (0, 1):
+        out = study_mod.run_study(cfg, ov, name="q", variants=["OT", "A1"], seeds=[seed], pairs=[("OT", "A1")])
+    assert "seeds [0, 1]; 4 of 4 trials finished" in out["summary"]
+    assert json.loads((tmp_path / "studies/q/plan.json").read_text())["seeds"] == [0, 1]
+    report = tmp_path / "report.md"
+    assert main(["study", "--name", "q", "--report", str(report), *ov]) == 0
+    assert report.read_text() == out["summary"]
+    assert main(["study", "--name", "nope", "--report", "-", *ov]) == 2
+    assert "no study at" in capsys.readouterr().err
+    assert main(["study", "--name", "q", *ov]) == 2  # running needs --variants

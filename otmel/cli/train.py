@@ -122,15 +122,35 @@ def _cmd_study(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", default=None, help="YAML run config (default: configs/synth.yaml)")
     p.add_argument("--name", required=True, help="study name (its folder; re-use it to resume)")
-    p.add_argument("--variants", required=True, help="comma-separated model ids, e.g. OT,A1,KD,CLS")
+    p.add_argument("--variants", default=None, help="comma-separated model ids, e.g. OT,A1,KD,CLS (required to run)")
     p.add_argument("--seeds", default="0-4", help="train.seed values: 0-4 or 0,1,2 (default 0-4)")
     p.add_argument("--pairs", default=None,
                    help="paired comparisons a-b, comma-separated, e.g. OT-A1,OT-CLS (default: each vs the first)")
+    p.add_argument("--report", default=None, metavar="PATH",
+                   help="train nothing: write the study's tables from its rows so far to PATH ('-': stdout)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides for every trial")
 
     def run(args: argparse.Namespace) -> int:
-        from otmel.train.driver.study import run_study
+        from otmel.train.driver.study import run_study, study_summary
 
+        if args.report is not None:
+            from pathlib import Path
+
+            from otmel.io import atomic_write
+            from otmel.runconfig import load_config
+
+            study = Path(load_config(args.config, args.overrides).run.storage) / "studies" / args.name
+            if not (study / "plan.json").is_file():
+                return fail("study", f"no study at {study} (no plan.json)")
+            text = study_summary(study)
+            if args.report == "-":
+                print(text)
+            else:
+                atomic_write(args.report, text)
+                print(f"wrote {args.report}")
+            return 0
+        if not args.variants:
+            return fail("study", "--variants is required to run a study (or use --report)")
         try:
             seeds = _seed_list(args.seeds)
             pairs = None

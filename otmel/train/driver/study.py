@@ -55,7 +55,9 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 _write_text = atomic_write
 
 
-def _check_plan(study: Path, plan: dict[str, Any]) -> None:
+def _check_plan(study: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """Record the study's parameters; a resumed study must have the same config and overrides. Models and seeds
+    accumulate over invocations (a queue may run one seed at a time). Returns the recorded plan."""
     f = study / "plan.json"
     if f.exists():
         old = json.loads(f.read_text())
@@ -63,8 +65,23 @@ def _check_plan(study: Path, plan: dict[str, Any]) -> None:
             if old.get(k) != plan[k]:
                 raise ValueError(f"study {study.name} was started with {k}={old.get(k)!r}, not {plan[k]!r}: a "
                                  "study's parameters are fixed once it has started (use a new --name)")
+        plan = {**plan, "variants": list(dict.fromkeys([*old.get("variants", []), *plan["variants"]])),
+                "seeds": sorted({*old.get("seeds", []), *plan["seeds"]})}
     study.mkdir(parents=True, exist_ok=True)
     _write_text(f, json.dumps(plan, indent=2))
+    return plan
+
+
+def study_summary(study: Path) -> str:
+    """The tables of a study folder from its plan.json and rows.jsonl (no training)."""
+    plan = json.loads((study / "plan.json").read_text())
+    rows = read_rows(study / "rows.jsonl")
+    seeds = sorted({*plan.get("seeds", []), *(int(r["seed"]) for r in rows)})
+    variants = list(dict.fromkeys([*plan.get("variants", []), *(r["variant"] for r in rows)]))
+    meta = {"name": plan.get("name", study.name), "config": plan.get("config"), "overrides": plan.get("overrides", []),
+            "seeds": seeds}
+    pairs: list[tuple[str, str]] = [(str(a), str(b)) for a, b in plan.get("pairs", [])]
+    return study_markdown(rows, variants, pairs, meta)
 
 
 def _trial_row(results: dict[str, Any], variant: str, seed: int, plans: dict[str, Any]) -> dict[str, Any]:
@@ -97,10 +114,11 @@ def run_study(config: str | None, overrides: list[str] | None, *, name: str, var
     pairs = pairs or [(v, variants[0]) for v in variants[1:]]
     cfg = load_config(config, overrides)
     study = Path(cfg.run.storage).resolve() / "studies" / name
-    _check_plan(study, {"name": name, "config": config, "overrides": overrides, "variants": variants,
-                        "seeds": seeds, "pairs": pairs})
+    plan = _check_plan(study, {"name": name, "config": config, "overrides": overrides, "variants": variants,
+                               "seeds": seeds, "pairs": pairs})
     rows_file = study / "rows.jsonl"
-    meta = {"name": name, "config": config, "overrides": overrides, "seeds": seeds}
+    meta = {"name": name, "config": config, "overrides": overrides, "seeds": plan["seeds"]}
+    variants_all = plan["variants"]
     done = {(r["variant"], int(r["seed"])) for r in read_rows(rows_file) if r.get("status") == "done"}
     todo = [(v, s) for s in seeds for v in variants if (v, s) not in done]
     print(f"[otmel] study {name}: {len(done)} trial(s) done, {len(todo)} to run -> {study}", flush=True)
@@ -121,16 +139,16 @@ def run_study(config: str | None, overrides: list[str] | None, *, name: str, var
                    "traceback": traceback.format_exc(limit=5), "wall_seconds": round(time.perf_counter() - t0, 1)}
         _append_line(rows_file, row)
         rows = read_rows(rows_file)
-        _write_text(study / "summary.md", study_markdown(rows, variants, pairs, meta))
+        _write_text(study / "summary.md", study_markdown(rows, variants_all, pairs, meta))
         m = row.get("metrics", {})
         print(f"[otmel] study {name}: {v} seed {s} {row['status']}"
               + (f" test H@1 {100 * m['test/H@1']:.2f} MRR {100 * m['test/MRR']:.2f}" if "test/MRR" in m else "")
               + f" ({row['wall_seconds']:.0f} s)", flush=True)
     rows = read_rows(rows_file)
-    text = study_markdown(rows, variants, pairs, meta)
+    text = study_markdown(rows, variants_all, pairs, meta)
     _write_text(study / "summary.md", text)
     print("\n" + text)
     return {"path": str(study), "rows": rows, "summary": text}
 
 
-__all__ = ["read_rows", "run_study"]
+__all__ = ["read_rows", "run_study", "study_summary"]
