@@ -95,3 +95,27 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run() -> None:
     strict = NonFiniteGuard(limit=0, world_size=1)
     with pytest.raises(NonFiniteLossError):
         strict.skip(bad, 1)
+
+
+def test_a_failed_write_is_one_clear_error_and_leaves_the_previous_checkpoint(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import otmel.train.worker.checkpoint as ck_mod
+    from otmel.train.worker.checkpoint import CheckpointWriteError
+
+    prev = tmp_path / "checkpoint_2026-01-01_00-00-01"
+    _save(prev)
+    before = {p.name: p.read_bytes() for p in prev.iterdir()}
+
+    def full(*a: object, **k: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck_mod, "save_file", full)  # the model weights hit a full disk
+    with pytest.raises(CheckpointWriteError, match="No space left on device .* the previous checkpoint is intact"):
+        _save(tmp_path / "checkpoint_2026-01-01_00-00-02")
+    assert {p.name: p.read_bytes() for p in prev.iterdir()} == before
+    verify_checkpoint(prev, 1)
+    new = tmp_path / "checkpoint_2026-01-01_00-00-02"
+    assert not [p for p in new.iterdir() if ".tmp" in p.name]  # no half-written file left behind
+    assert previous_valid_checkpoint(new, 0) == prev  # a resume would use the intact one

@@ -204,3 +204,28 @@ def test_demo_command_output_is_short_and_ends_with_the_table(shards: Path, tmp_
     logs = tmp_path / "demo" / "logs"
     assert {p.name for p in logs.iterdir()} >= {"driver.log", "worker-rank0.log", "worker-rank1.log"}
     assert "Reporting training result" in (logs / "worker-rank0.log").read_text()
+
+
+def test_two_runs_side_by_side_on_one_machine(shards: Path, tmp_path: Path) -> None:
+    """Two `otmel train` runs started at once, each with its own local Ray: both finish with their results, and
+    neither leaves a Ray process behind (their placement groups die with their clusters)."""
+    import psutil
+
+    exe = shutil.which("otmel") or str(Path(sys.executable).parent / "otmel")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    procs = [subprocess.Popen([exe, "train", *_overrides(shards, tmp_path, name, "train.strategy=ddp",
+                                                         "train.epochs=1", "scaling.num_workers=1")],
+                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in ("a", "b")]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        assert "Traceback" not in err
+    for name in ("a", "b"):
+        res = json.loads((tmp_path / name / "results.json").read_text())
+        assert res["metrics"]["global_step"] == 4 and "test/MRR" in res["metrics"]
+    time.sleep(2)
+    leftovers = [p for p in psutil.process_iter(["cmdline"])
+                 if any(str(tmp_path) in part for part in (p.info["cmdline"] or []))]
+    assert not leftovers, [p.info["cmdline"][:3] for p in leftovers]

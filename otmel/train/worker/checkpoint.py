@@ -69,6 +69,21 @@ def save_checkpoint(
     config: dict[str, Any],
     extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
+    try:
+        _save_files(directory, rank, model, engine, state, best, config, extra)
+    except OSError as exc:  # ENOSPC, EDQUOT, EIO ...: say so in one line; the previous checkpoint is untouched
+        raise CheckpointWriteError(f"writing checkpoint {directory} failed on rank {rank}: {exc.strerror or exc} "
+                                   f"({type(exc).__name__}, errno {exc.errno}); the previous checkpoint is intact "
+                                   "(files are written to temporary names and renamed)") from exc
+
+
+class CheckpointWriteError(UserError, RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full)."""
+
+
+def _save_files(directory: Path, rank: int, model: nn.Module, engine: Engine, state: dict[str, Any],
+                best: dict[str, torch.Tensor] | None, config: dict[str, Any],
+                extra: dict[str, torch.Tensor] | None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     written = [f"optim-rank{rank}.pt"]
     save_state_file(
