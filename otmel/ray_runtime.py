@@ -1,8 +1,13 @@
 """Starting Ray for a command: the one start-up shared by train / study / tune / ablate / index.
 
-`start_ray` joins a cluster (`address`, or the RAY_ADDRESS a `ray job submit` sets) or starts a local Ray whose
-dashboard listens on 127.0.0.1 only. Quiet by default: Ray's INFO start-up lines and the workers' output stay in
-Ray's (and the run's) log files; `verbose=True` forwards worker output to the console as Ray normally does.
+`start_ray` joins a cluster (`address`, or the RAY_ADDRESS a `ray job submit` sets) or starts a local Ray that
+listens on loopback only: its dashboard on 127.0.0.1 and — because the node's address is 127.0.0.1 — the GCS,
+raylet, object manager, worker and agent servers too (Ray 2.60 binds its gRPC servers to loopback only when the
+node IP is 127.0.0.1; it picks 127.0.0.1 as the node IP when `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, the setting it
+uses on laptops; `_node_ip_address="127.0.0.1"` alone is resolved back to the machine's address). A cluster keeps
+Ray's own networking (docs/reliability.md: what to firewall). Quiet by default: Ray's INFO start-up lines and
+the workers' output stay in Ray's (and the run's) log files; `verbose=True` forwards worker output to the
+console as Ray normally does.
 This module and the Ray-facing parts of `otmel/train/` and `otmel/link/index.py` are the only ones that import Ray.
 """
 
@@ -23,14 +28,24 @@ def start_ray(*, address: str | None = None, cpus: int = 1, env_vars: dict[str, 
     if ray.is_initialized():
         return False
     kw: dict[str, Any] = {"runtime_env": {"env_vars": dict(env_vars or {})}, "log_to_driver": verbose,
-          "logging_level": logging.INFO if verbose else logging.WARNING}
+                          "logging_level": logging.INFO if verbose else logging.WARNING}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kw)
     else:
+        loopback_only()
         ray.init(num_cpus=max(cpus, os.cpu_count() or 1), include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  **kw)
     return True
 
 
-__all__ = ["start_ray"]
+def loopback_only() -> None:
+    """Make the next local Ray started by this process use 127.0.0.1 as its node address (so every server binds
+    loopback): the environment variable for the processes Ray spawns, the constant for this one (read at import)."""
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+__all__ = ["loopback_only", "start_ray"]
