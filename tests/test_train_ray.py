@@ -229,3 +229,44 @@ def test_two_runs_side_by_side_on_one_machine(shards: Path, tmp_path: Path) -> N
     leftovers = [p for p in psutil.process_iter(["cmdline"])
                  if any(str(tmp_path) in part for part in (p.info["cmdline"] or []))]
     assert not leftovers, [p.info["cmdline"][:3] for p in leftovers]
+
+
+def test_resume_skips_a_corrupt_latest_checkpoint(shards: Path, tmp_path: Path, ray_session: None) -> None:
+    """The driver dies once two checkpoints exist; the latest one is then corrupted on disk (a byte of the model
+    weights flipped). `--resume` reports it, resumes from the older checkpoint that verifies, and finishes with
+    the exact step count."""
+    import ray
+
+    args = _overrides(shards, tmp_path, "rot", "train.strategy=ddp", "train.epochs=3", "train.checkpoint_every=2")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.Popen([sys.executable, "-m", "otmel.cli", "train", *args, f"run.ray_address={address}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        snap = tmp_path / "rot" / "checkpoint_manager_snapshot.json"
+
+        def registered() -> int:
+            try:
+                return len(json.loads(snap.read_text()).get("checkpoint_results", []))
+            except (OSError, ValueError):  # not there yet, or being written
+                return 0
+
+        while registered() < 2:
+            assert proc.poll() is None and time.time() < deadline, "two checkpoints never appeared"
+            time.sleep(0.3)
+        time.sleep(2)
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+    snapshot = json.loads((tmp_path / "rot" / "checkpoint_manager_snapshot.json").read_text())
+    latest = tmp_path / "rot" / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]  # what Ray restores
+    assert len(snapshot["checkpoint_results"]) >= 2  # an older one to fall back to
+    weights = latest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    res = train_main(str(ROOT / "configs/synth.yaml"), args, resume=str(tmp_path / "rot"))
+    assert res["metrics"]["global_step"] == 12
+    logs = "".join(p.read_text() for p in (tmp_path / "rot" / "logs").glob("worker-rank*.log"))
+    assert "differs from its manifest" in logs and "resuming from the older" in logs
