@@ -20,3 +20,26 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def pre():  # type: ignore[no-untyped-def]
+    """A small preprocessor (16 px images, 10 tokens) over the locally built test tokenizer."""
+    from data_fixtures import make_tokenizer
+
+    from otmel.data.transforms import Preprocessor
+
+    return Preprocessor(make_tokenizer(), image_size=16, max_len=10)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The small cleaned-layout dataset of data_fixtures, packed 2 samples a shard."""
+    from data_fixtures import write_cleaned
+
+    from otmel.data.pack import pack
+
+    root = tmp_path_factory.mktemp("toy")
+    write_cleaned(root / "src")
+    pack(root / "src", "cleaned", root / "shards", shard_size=2, progress=False)
+    return root / "shards"

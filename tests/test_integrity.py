@@ -7,11 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from data_fixtures import make_tokenizer, write_cleaned
 
 from otmel.data.loaders import eval_loader, train_loader
 from otmel.data.manifest import preflight, shard_paths
-from otmel.data.pack import pack
 from otmel.data.shards import ShardError, ShardIntegrityError, iter_shard
 from otmel.data.transforms import Preprocessor
 from otmel.runconfig import load_config
@@ -21,16 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def pre() -> Preprocessor:
-    return Preprocessor(make_tokenizer(), image_size=16, max_len=10)
-
-
-@pytest.fixture(scope="module")
-def packed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("integrity")
-    write_cleaned(root / "src")
-    pack(root / "src", "cleaned", root / "shards", shard_size=2, progress=False)
-    return root / "shards"
+def packed(toy: Path) -> Path:
+    return toy  # the small cleaned-layout pack of conftest.py (2 samples a shard)
 
 
 def _flip(path: Path, at: int = 700, n: int = 400) -> None:

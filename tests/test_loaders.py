@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_fixtures import make_tokenizer, melbench_records, write_cleaned
+from data_fixtures import melbench_records
 
 from otmel.data.loaders import eval_loader, kg_loader, train_loader
 from otmel.data.manifest import read_manifest, shard_paths
@@ -21,19 +21,6 @@ from otmel.data.transforms import Preprocessor
 
 M_KEYS = {"m_input_ids", "m_attention_mask", "m_pixel_values", "m_image_mask"}
 E_KEYS = {"e_input_ids", "e_attention_mask", "e_pixel_values", "e_image_mask"}
-
-
-@pytest.fixture(scope="module")
-def pre() -> Preprocessor:
-    return Preprocessor(make_tokenizer(), image_size=16, max_len=10)
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("toy")
-    write_cleaned(root / "src")
-    pack(root / "src", "cleaned", root / "shards", shard_size=2, progress=False)
-    return root / "shards"
 
 
 @pytest.fixture(scope="module")
