@@ -270,3 +270,4 @@ def test_resume_skips_a_corrupt_latest_checkpoint(shards: Path, tmp_path: Path, 
     assert res["metrics"]["global_step"] == 12
     logs = "".join(p.read_text() for p in (tmp_path / "rot" / "logs").glob("worker-rank*.log"))
     assert "differs from its manifest" in logs and "resuming from the older" in logs
+

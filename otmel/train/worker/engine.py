@@ -31,7 +31,8 @@ def load_ds_config(train: TrainConfig, total_steps: int, use_gpu: bool) -> dict[
     ds.pop("train_batch_size", None)
     ds["gradient_clipping"] = train.grad_clip
     sched = ds.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}})
-    sched["params"].update(total_num_steps=max(1, total_steps), warmup_num_steps=train.warmup_steps)
+    # DeepSpeed's WarmupCosineLR refuses 0 warm-up steps; one step of warm-up from warmup_min_ratio is the nearest
+    sched["params"].update(total_num_steps=max(1, total_steps), warmup_num_steps=max(1, train.warmup_steps))
     # bf16 on GPU; fp32 on CPU (DeepSpeed on CPU runs fp32; the JSON may ask for bf16 on GPU only).
     if not use_gpu:
         ds.pop("bf16", None)

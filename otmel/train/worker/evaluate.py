@@ -98,6 +98,7 @@ def gold_ranks_distributed(
         assert entities is not None
         return model.score(mentions.select(sl), entities).S_O.float()  # (c, E_local)
 
+    found = torch.zeros(M)  # 1 where some rank holds the mention's gold entity
     keep = entities is not None and M * len(entities) <= keep_scores_limit
     kept: list[torch.Tensor] = []
     if entities is not None:
@@ -106,11 +107,13 @@ def gold_ranks_distributed(
             is_gold = gold[sl].unsqueeze(1) == entities.ids.unsqueeze(0)  # (c, E_local)
             # as otmel.metrics: a NaN gold score counts as -inf, a NaN competitor as +inf (never helps the gold)
             gold_score[sl] = torch.where(is_gold, torch.nan_to_num(S, nan=neg_inf), neg_inf).amax(1)
+            found[sl] = is_gold.any(1).float()
             if keep:
                 kept.append(S)
     gold_score = _all_reduce(gold_score, dist.ReduceOp.MAX, world_size)
-    if bool((gold_score == neg_inf).any()):
-        missing = gold[gold_score == neg_inf][:5].tolist()
+    found = _all_reduce(found, dist.ReduceOp.MAX, world_size)  # a NaN gold score is a worst rank, not a missing gold
+    if bool((found == 0).any()):
+        missing = gold[found == 0][:5].tolist()
         raise RuntimeError(f"gold entities missing from the KG stream (rows {missing}...): KG shards incomplete?")
     count = torch.zeros(M, dtype=torch.long)
     if entities is not None:
