@@ -144,7 +144,7 @@ def test_hard_negatives_mined_on_two_workers_and_resumed_exactly(shards: Path, t
 
 def test_resume_an_interrupted_run(shards: Path, tmp_path: Path, ray_session: None) -> None:
     """The driver dies after the first checkpoint; `otmel train --resume RUN_DIR` finishes the run with the
-    exact optimizer step count, and results.json carries every epoch's metrics."""
+    exact optimizer step count and the uninterrupted run's final metrics, and results.json carries every epoch."""
     import ray
 
     args = _overrides(shards, tmp_path, "cut", "train.strategy=ddp", "train.epochs=3")
@@ -167,6 +167,12 @@ def test_resume_an_interrupted_run(shards: Path, tmp_path: Path, ray_session: No
     assert res["metrics"]["global_step"] == 12
     assert [h["epoch"] for h in res["history"]] == [1, 2, 3]
     assert json.loads((tmp_path / "cut" / "results.json").read_text())["history"][-1]["epoch"] == 3
+    # and it ends exactly where an uninterrupted run of the same config ends
+    ref = train_main(str(ROOT / "configs/synth.yaml"),
+                     _overrides(shards, tmp_path, "whole", "train.strategy=ddp", "train.epochs=3"))
+    for k, v in ref["metrics"].items():
+        if k.startswith(("dev/", "test/")):
+            assert res["metrics"][k] == v, k
 
 
 def test_baseline_command_reports_string_match_and_cls_only(shards: Path, tmp_path: Path,
