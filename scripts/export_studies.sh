@@ -9,4 +9,6 @@ for plan in "$runs"/studies/*/plan.json; do
     [ -e "$plan" ] || continue
     name=$(basename "$(dirname "$plan")")
     .venv/bin/otmel study --name "$name" --report "docs/studies/$name.md" "run.storage=$runs"
+    mkdir -p "docs/studies/data/$name"  # the finished trials, so a fresh checkout resumes the study
+    cp "$runs/studies/$name/plan.json" "$runs/studies/$name/rows.jsonl" "docs/studies/data/$name/"
 done

@@ -9,6 +9,14 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline DS_ACCELERATOR=cpu
 OTMEL=${OTMEL:-.venv/bin/otmel}
 COMMON=(train.progress=false wandb.enabled=false)
+# The finished trials are committed (docs/studies/data/NAME/{plan.json,rows.jsonl}); a fresh checkout resumes from
+# them instead of re-running what an earlier session finished.
+for name in fidelity-synth sets-synth melbench-rp; do
+    if [ ! -e "runs/studies/$name/rows.jsonl" ] && [ -e "docs/studies/data/$name/rows.jsonl" ]; then
+        mkdir -p "runs/studies/$name"
+        cp "docs/studies/data/$name/plan.json" "docs/studies/data/$name/rows.jsonl" "runs/studies/$name/"
+    fi
+done
 seeds=("$@")
 [ ${#seeds[@]} -eq 0 ] && seeds=(0 1 2 3 4)
 for s in "${seeds[@]}"; do
