@@ -13,8 +13,10 @@ This module and the Ray-facing parts of `otmel/train/` and `otmel/link/index.py`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -33,19 +35,32 @@ def start_ray(*, address: str | None = None, cpus: int = 1, env_vars: dict[str, 
     if address:
         ray.init(address=address, **kw)
     else:
-        loopback_only()
-        ray.init(num_cpus=max(cpus, os.cpu_count() or 1), include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 **kw)
+        with loopback_only():
+            ray.init(num_cpus=max(cpus, os.cpu_count() or 1), include_dashboard=dashboard,
+                     dashboard_host="127.0.0.1", **kw)
     return True
 
 
-def loopback_only() -> None:
-    """Make the next local Ray started by this process use 127.0.0.1 as its node address (so every server binds
-    loopback): the environment variable for the processes Ray spawns, the constant for this one (read at import)."""
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """Within the block, a local Ray started by this process uses 127.0.0.1 as its node address (so every server
+    binds loopback): the environment variable for the processes Ray spawns, the constant for this one (read at
+    import). Both are restored afterwards: the processes already started keep the setting, and a later Ray of
+    another kind in this process (a multi-node test cluster, a joined cluster) is not affected."""
     from ray._private import ray_constants
 
-    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    old_env, old_const = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_const
+        if old_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old_env
 
 
 __all__ = ["loopback_only", "start_ray"]
