@@ -33,7 +33,7 @@ from otmel.link import (
 )
 from otmel.link.evaluate import encode_mentions, evaluate, format_eval, read_split
 from otmel.metrics import gold_ranks, metrics_from_ranks
-from otmel.model import OTMEL
+from otmel.model import OTMEL, EntityFeatures
 from otmel.model.encoder import build_preprocessor
 from otmel.model.first_stage import first_stage_scores, stable_topk
 from otmel.train.worker.evaluate import evaluate_split
@@ -89,7 +89,7 @@ def mentions(linker: Linker, kg: Path) -> tuple[dict, list[dict]]:
 
 def test_index_round_trip_equals_in_memory_features(ckpt: Path, kg: Path, index_dir: Path) -> None:
     loaded = load_checkpoint_model(ckpt)
-    fresh = build_index(loaded, kg, workers=0, batch_size=64, progress=False)  # in memory, other batch size
+    fresh = build_index(loaded, kg, workers=0, batch_size=64, progress=False)  # temporary folder, other batch size
     stored = EntityIndex.load(index_dir, checkpoint_sha256=loaded.sha256)
     assert len(stored) == len(fresh) == 100
     for name in FIELDS:
@@ -99,15 +99,25 @@ def test_index_round_trip_equals_in_memory_features(ckpt: Path, kg: Path, index_
             assert a.dtype == b.dtype and a.shape == b.shape, name
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
     assert stored.qids == fresh.qids and stored.names == fresh.names
-    assert torch.equal(stored.input_ids, fresh.input_ids)
-    # an independent path: the training code's KG stream + encode_entities, rows gathered by e_index
+    assert all(torch.equal(stored.input_ids(r), fresh.input_ids(r)) for r in (0, 50, 99))
+    # an independent path: the training code's KG stream + encode_entities (in RAM), rows gathered by e_index
     batches = list(kg_loader(kg, build_preprocessor(loaded.config), batch_size=17))
     with torch.no_grad():
-        ref = {b["e_index"][i].item(): loaded.model.encode_entities(b).select(slice(i, i + 1))
-               for b in batches for i in range(len(b["e_index"]))}
-    for row in (0, 41, 99):
-        torch.testing.assert_close(ref[row].q_t[0], stored.features.q_t[row], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(ref[row].g[0], stored.features.g[row], rtol=1e-5, atol=1e-5)
+        ref = EntityFeatures.cat([loaded.model.encode_entities(b) for b in batches])
+    ref = ref.select(torch.argsort(ref.ids))
+    got = stored.gather(torch.tensor([99, 0, 41, 7]))  # any order, one contiguous record read each
+    want = ref.select(torch.tensor([99, 0, 41, 7]))
+    assert torch.equal(got.ids, want.ids) and torch.equal(got.has_image, want.has_image)
+    assert torch.equal(got.mask_t, want.mask_t) and torch.equal(got.mask_v, want.mask_v)
+    for name in ("t", "v", "g"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5)
+    for name, mask in (("q_t", got.mask_t), ("q_v", got.mask_v)):  # trimmed on disk: equal on every valid token
+        torch.testing.assert_close(getattr(got, name)[mask], getattr(want, name)[mask], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # and the model scores them the same
+        mb, _ = read_split(kg, "test", build_preprocessor(loaded.config), limit=4)
+        m = loaded.model.encode_mentions(mb)
+        torch.testing.assert_close(loaded.model.score(m, got).S_O, loaded.model.score(m, want).S_O,
+                                   rtol=1e-5, atol=1e-5)
     # rows in KG order, with each row's QID and name from the shards
     metas = [json.loads(s["json"]) for info in shard_infos(kg, KG) for s in iter_shard(kg / info.name)]
     assert stored.qids == [m["qid"] for m in metas] and stored.names == [m["name"] for m in metas]
@@ -116,12 +126,18 @@ def test_index_round_trip_equals_in_memory_features(ckpt: Path, kg: Path, index_
 
 def test_index_json_records_checkpoint_hash_and_rows(ckpt: Path, kg: Path, index_dir: Path) -> None:
     meta = json.loads((index_dir / "index.json").read_text())
-    assert meta["schema"] == "otmel-entity-index" and meta["schema_version"] == 1
+    assert meta["schema"] == "otmel-entity-index" and meta["schema_version"] == 2 and meta["generation"] == 1
     assert meta["checkpoint"]["sha256"] == sha256_file(ckpt / "model.safetensors")
-    assert meta["counts"]["entities"] == 100 == len(meta["rows"]["qid"]) == len(meta["rows"]["name"])
-    assert meta["model_config"]["hidden_dim"] == 16 and meta["retrieval"]["backend"] == "torch"
-    assert {p.name for p in index_dir.iterdir()} == {"entities.safetensors", "index.json"}
+    assert meta["counts"]["entities"] == 100 == meta["segments"][0]["rows"]
+    assert meta["model_config"]["hidden_dim"] == 16 and meta["ann"]["kind"] == "exact"
+    assert {p.name for p in index_dir.iterdir()} == {"seg-0000", "index.json"}
+    seg = {p.name for p in (index_dir / "seg-0000").iterdir()}
+    assert {"vectors.npy", "records.bin", "spans.npy", "lengths.npy", "strings.bin", "layout.json"} <= seg
     assert not [p for p in index_dir.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
+    # records are trimmed to the valid tokens: smaller than padding every entity to max_len
+    lay = meta["layout"]
+    padded = sum(w for _, w in lay["fixed"]) + sum(lay["lengths"][ax] * h for _, h, ax in lay["tokens"])
+    assert (index_dir / "seg-0000" / "records.bin").stat().st_size < 100 * padded * 4
 
 
 def test_index_rewrite_is_atomic_and_refuses_foreign_folders(ckpt: Path, kg: Path, tmp_path: Path) -> None:
@@ -133,9 +149,10 @@ def test_index_rewrite_is_atomic_and_refuses_foreign_folders(ckpt: Path, kg: Pat
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(EntityIndexError, match="not an entity index"):
-        first.save(tmp_path / "mine")
+        build_index(ckpt, kg, tmp_path / "mine", progress=False)
     with pytest.raises(EntityIndexError, match="not an entity index"):
         EntityIndex.load(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_index_of_another_checkpoint_is_refused(ckpt: Path, index_dir: Path, tmp_path: Path) -> None:

@@ -14,6 +14,9 @@ def _cmd_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (created; re-running over it is safe)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="1.0 = ~2,000 entities / 3,000 mentions")
+    p.add_argument("--mentions", type=int, default=None,
+                   help="mentions to draw (default 3,000 x scale): a large KG with few mentions, e.g. --scale 500 "
+                   "--mentions 3000 for a 1M-entity KG")
     p.add_argument("--image-size", type=int, default=64, help="picture side in pixels")
     p.add_argument("--workers", type=int, default=None, help="drawing processes (default: all CPUs)")
     p.add_argument("--mode", choices=["standard", "sets"], default="standard",
@@ -27,7 +30,7 @@ def _cmd_synth(sub: argparse._SubParsersAction) -> None:
         from otmel.data.synth import generate
 
         stats = generate(args.out, seed=args.seed, scale=args.scale, image_size=args.image_size,
-                         workers=args.workers, mode=args.mode)
+                         workers=args.workers, mode=args.mode, mentions=args.mentions)
         print(json.dumps(stats, indent=1))
         return 0
 

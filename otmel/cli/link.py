@@ -16,32 +16,98 @@ def _link_errors() -> tuple[type[BaseException], ...]:
     return CheckpointError, EntityIndexError, LinkInputError, ManifestError, KeyError
 
 
+def _ann_args(p: argparse.ArgumentParser, build: bool) -> None:
+    g = p.add_argument_group("first-stage index (see docs/linking.md)")
+    if build:
+        g.add_argument("--ann", choices=["exact", "hnsw", "ivfpq"], default=None,
+                       help="first-stage search: exact (default; best below ~1M entities), hnsw, or ivfpq (10M+)")
+        g.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree M")
+        g.add_argument("--ef-construction", type=int, default=40, help="HNSW build beam")
+        g.add_argument("--nlist", type=int, default=0, help="IVF lists (0: ~4 sqrt(n))")
+        g.add_argument("--pq-m", type=int, default=0, help="PQ sub-quantizers = bytes per vector (0: dim / 4)")
+        g.add_argument("--pq-bits", type=int, default=8)
+        g.add_argument("--train-size", type=int, default=200_000, help="IVF-PQ training sample")
+        g.add_argument("--store-dtype", choices=["float32", "float16"], default="float32",
+                       help="re-rank features on disk (float16 halves the store)")
+    g.add_argument("--ef-search", type=int, default=None, help="HNSW query beam (default: the index's)")
+    g.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per query (default: the index's)")
+    g.add_argument("--refine", type=int, default=None, help="fetch refine x K by the ANN, keep K by exact score")
+
+
+def search_overrides(args: argparse.Namespace) -> dict[str, int]:
+    return {k: v for k in ("ef_search", "nprobe", "refine") if (v := getattr(args, k, None)) is not None}
+
+
+def _ann_params(args: argparse.Namespace) -> object:
+    from otmel.link.ann import AnnParams
+
+    p = AnnParams(kind=args.ann or "exact", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
+                  nlist=args.nlist, pq_m=args.pq_m, pq_bits=args.pq_bits, train_size=args.train_size)
+    return p.with_search(**search_overrides(args))
+
+
 def _cmd_index(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "index",
-        help="encode a KG once with a checkpoint: cached entity features + retrieval index",
-        description="Compute every entity-only feature of the packed KG with CHECKPOINT (parallel Ray tasks over "
-        "the KG shards) and write an index folder (entities.safetensors + index.json, with the checkpoint's "
-        "sha256) for `otmel link` / `otmel eval --index`.",
+        help="encode a KG once with a checkpoint: a disk-backed entity store + first-stage index; live updates",
+        description="Build: compute every entity-only feature of the packed KG with CHECKPOINT (parallel Ray tasks "
+        "over the KG shards), streamed into a memory-mapped store, plus an exact or faiss first-stage index "
+        "(`--ann`). Update an index in place: `--add KG --into INDEX` appends entities (same checkpoint, nothing "
+        "re-encoded), `--remove QID... --into INDEX` hides entities, `--compact --into INDEX` rewrites it. Every "
+        "change switches the manifest atomically: an interrupted one leaves the previous index usable.",
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (or run directory)")
-    p.add_argument("--kg", required=True, help="packed shard folder whose KG to encode, e.g. shards/NAME")
-    p.add_argument("--out", required=True, help="index folder to write (replaced atomically)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (or run directory)")
+    p.add_argument("--kg", default=None, help="packed shard folder whose KG to encode, e.g. shards/NAME")
+    p.add_argument("--out", default=None, help="index folder to build (replaced atomically)")
+    p.add_argument("--into", default=None, help="index folder to update (--add / --remove / --compact)")
+    p.add_argument("--add", default=None, metavar="KG", help="packed shard folder of new entities to append")
+    p.add_argument("--remove", nargs="+", default=None, metavar="QID", help="entities to hide until --compact")
+    p.add_argument("--compact", action="store_true", help="rewrite live rows into one segment, rebuild its ANN")
     p.add_argument("--workers", type=int, default=2, help="Ray actors, one KG shard per task (0: in this process)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-progress", action="store_true")
+    _ann_args(p, build=True)
 
     def run(args: argparse.Namespace) -> int:
         from otmel.link import build_index
+        from otmel.link.ann import AnnError
+        from otmel.link.index_update import add_to_index, compact_index, remove_from_index
 
+        updates = [a for a in ("add", "remove", "compact") if getattr(args, a)]
+        errors = cast("tuple[type[BaseException], ...]", (*_link_errors(), AnnError))
         try:
+            if len(updates) > 1:
+                return fail("index", ValueError(f"give one of --add, --remove, --compact, not {updates}"))
+            if updates:
+                if not args.into:
+                    return fail("index", ValueError(f"--{updates[0]} needs --into INDEX (the folder to update)"))
+                if updates[0] == "add":
+                    r = add_to_index(args.into, args.add, args.checkpoint, workers=args.workers,
+                                     batch_size=args.batch_size, progress=not args.no_progress)
+                    print(f"added {r['added']} entities of {args.add} to {args.into} as {r['segment']} "
+                          f"in {r['seconds']:.1f} s")
+                elif updates[0] == "remove":
+                    r = remove_from_index(args.into, args.remove)
+                    print(f"removed {r['removed']} entities from {args.into} ({r['tombstones']} hidden until "
+                          "--compact)")
+                else:
+                    r = compact_index(args.into, ann=_ann_params(args) if args.ann else None)  # type: ignore[arg-type]
+                    print(f"compacted {args.into}: {r['rows']} entities ({r['dropped']} removed rows dropped) "
+                          f"in {r['seconds']:.1f} s")
+                return 0
+            missing = [f"--{k}" for k in ("checkpoint", "kg", "out") if not getattr(args, k)]
+            if missing:
+                return fail("index", ValueError(f"building an index needs {', '.join(missing)} "
+                                                "(or update one with --add/--remove/--compact --into INDEX)"))
             index = build_index(args.checkpoint, args.kg, args.out, workers=args.workers, batch_size=args.batch_size,
-                                progress=not args.no_progress)
-        except _link_errors() as exc:
+                                progress=not args.no_progress, ann=_ann_params(args),  # type: ignore[arg-type]
+                                store_dtype=args.store_dtype)
+        except errors as exc:
             return fail("index", exc)
+        b = index.meta["build"]
         print(f"indexed {len(index)} entities ({index.meta['counts']['with_image']} with an image) of {args.kg} "
-              f"in {index.meta['build']['seconds']:.1f} s -> {args.out} (checkpoint sha256 "
-              f"{index.checkpoint_sha256[:16]}...)")
+              f"in {b['seconds']:.1f} s ({b['ann_seconds']:.1f} s for the {index.params.kind} first stage) -> "
+              f"{args.out} (checkpoint sha256 {index.checkpoint_sha256[:16]}...)")
         return 0
 
     p.set_defaults(func=run)
@@ -60,6 +126,7 @@ def _cmd_link(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--first-stage", choices=["summary", "cls", "fusion"], default="summary",
                    help="two-stage retrieval score (see docs/linking.md)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _ann_args(p, build=False)
 
     def run(args: argparse.Namespace) -> int:
         import json
@@ -75,6 +142,7 @@ def _cmd_link(sub: argparse._SubParsersAction) -> None:
             t1 = time.perf_counter()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", MentionNotInTextWarning)
+                linker.search = search_overrides(args)
                 hits = linker.link(args.text, args.mention, args.image, k=args.k)
             t2 = time.perf_counter()
         except _link_errors() as exc:
@@ -111,6 +179,7 @@ def _cmd_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--terms", action="store_true",
                    help="exhaustive mode: also rank by each score term alone (S_F, S_T, S_V, text cosine, text CA)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the full result (per mention) here")
+    _ann_args(p, build=False)
 
     def run(args: argparse.Namespace) -> int:
         import json
@@ -121,7 +190,8 @@ def _cmd_eval(sub: argparse._SubParsersAction) -> None:
         try:
             res = evaluate(args.checkpoint, args.shards, args.split, modes=modes, candidates=args.candidates,
                            first_stage=args.first_stage, index=args.index, limit=args.limit, seed=args.seed,
-                           workers=args.workers, terms=args.terms, progress=True)
+                           workers=args.workers, terms=args.terms, progress=True,
+                           search=search_overrides(args))
         except cast("tuple[type[BaseException], ...]", (*_link_errors(), ValueError)) as exc:
             return fail("eval", exc)
         print(format_eval(res))

@@ -224,13 +224,13 @@ def _named_objects(rng: random.Random, gold: tuple[Obj, ...], core: set[Obj]) ->
     return tuple(o for o in gold if o in chosen)
 
 
-def build_plan(seed: int = 0, scale: float = 1.0) -> SynthPlan:
+def build_plan(seed: int = 0, scale: float = 1.0, n_mentions: int | None = None) -> SynthPlan:
     """Everything about the dataset except the pixels: entities, mentions, their text and what they show."""
     if scale <= 0:
         raise ValueError("scale must be positive")
     rng = random.Random(seed)
     n_ent = max(20, round(BASE_ENTITIES * scale))
-    n_men = max(30, round(BASE_MENTIONS * scale))
+    n_men = max(30, round(BASE_MENTIONS * scale)) if n_mentions is None else max(30, int(n_mentions))
     sizes: list[int] = []
     while sum(sizes) < n_ent:
         sizes.append(rng.choices([s for s, _ in GROUP_SIZES], [p for _, p in GROUP_SIZES])[0])
@@ -292,12 +292,15 @@ def split_mentions(rng: random.Random, mentions: list[SynthMention], splits: tup
 MODES = ("standard", "sets")
 
 
-def plan_for(mode: str, seed: int, scale: float) -> SynthPlan:
+def plan_for(mode: str, seed: int, scale: float, mentions: int | None = None) -> SynthPlan:
     """The plan of a benchmark mode: "standard" (this module) or "sets" (`otmel.data.synth_sets`)."""
     if mode == "standard":
-        return build_plan(seed, scale)
+        return build_plan(seed, scale, mentions)
     if mode == "sets":
         from otmel.data.synth_sets import build_sets_plan
+
+        if mentions is not None:
+            raise ValueError("--mentions applies to the standard mode only")
 
         return build_sets_plan(seed, scale)
     raise ValueError(f"unknown synth mode {mode!r}; known: {list(MODES)}")
@@ -320,7 +323,7 @@ def _clean_stale(folder: Path, pattern: re.Pattern[str], keep: set[str]) -> int:
 
 
 def generate(out: Path | str, *, seed: int = 0, scale: float = 1.0, image_size: int = 64,
-             workers: int | None = None, mode: str = "standard") -> dict:
+             workers: int | None = None, mode: str = "standard", mentions: int | None = None) -> dict:
     """Write the synthetic benchmark into `out` (see the module docstring; `mode` "sets": the set-matching
     benchmark of `otmel.data.synth_sets`); return its stats.
 
@@ -337,7 +340,7 @@ def generate(out: Path | str, *, seed: int = 0, scale: float = 1.0, image_size: 
     men_dir.mkdir(parents=True, exist_ok=True)
     from otmel.data.synth_stats import plan_stats
 
-    plan = plan_for(mode, seed, scale)
+    plan = plan_for(mode, seed, scale, mentions)
     t_plan = time.perf_counter() - t0
 
     (out / "synth_stats.json").unlink(missing_ok=True)  # written last: its presence marks a finished run

@@ -2,7 +2,8 @@
 modes, explanations (assignment figures) and run reports. See docs/linking.md."""
 
 from otmel.checkpoints import CheckpointError, LoadedCheckpoint, load_checkpoint_model, save_model_checkpoint
-from otmel.link.index import EntityIndex, EntityIndexError, IndexMismatchError, build_index
+from otmel.link.index import EntityIndex, EntityIndexError, IndexMismatchError
+from otmel.link.index_build import build_index
 from otmel.link.linker import LinkedEntity, Linker, LinkInputError, MentionNotInTextWarning
 
 __all__ = [

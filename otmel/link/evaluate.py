@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import default_collate
 
@@ -164,6 +165,70 @@ def run_two_stage(loaded: LoadedCheckpoint, m: MentionFeatures, e: EntityFeature
     return {"ranks": torch.cat(ranks), "top1": torch.cat(top1), "seconds": t_total, "seconds_first_stage": t_first}
 
 
+@torch.no_grad()
+def run_two_stage_index(loaded: LoadedCheckpoint, m: MentionFeatures, index: EntityIndex, gold: torch.Tensor, *,
+                        candidates: int, first_stage: FirstStage = "summary", chunk: int = 64,
+                        search: dict[str, int] | None = None) -> dict[str, Any]:
+    """Two-stage through the index's own first stage (its ANN when it has one), features read from the store.
+    A gold entity outside the candidates is ranked after them by its exact first-stage score (one streaming
+    pass over the stored vectors per chunk of mentions)."""
+    from otmel.model.first_stage import mention_queries, rerank
+
+    ranks, top1 = [], []
+    t_first = t_total = 0.0
+    for s in range(0, len(m), chunk):
+        mc, g = m.select(slice(s, s + chunk)), gold[s:s + chunk]
+        t0 = time.perf_counter()
+        q = mention_queries(loaded.model, mc, first_stage)
+        cheap_k, cand = index.search(q, candidates, **(search or {}))
+        t_first += time.perf_counter() - t0
+        cand = torch.where(cand < 0, cand.max(1, keepdim=True).values, cand)  # pad (tiny KGs) with a repeat
+        cand, order = cand.sort(1)
+        cheap_k = cheap_k.gather(1, order)
+        rows = torch.unique(cand)
+        e = index.gather(rows)
+        pos = torch.searchsorted(rows, cand)
+        S = rerank(loaded.model, mc, e, pos)["S_O"].float()
+        t_total += time.perf_counter() - t0
+        gold_cheap = torch.from_numpy(
+            (q.q.numpy() * index.vectors(g.numpy())).sum(1)
+            / (q.base.numpy() + q.image.numpy() * index.has_image(g.numpy()).astype("float32")))
+        beyond = torch.zeros(len(g), dtype=torch.long)
+        for j, searcher in enumerate(index.searchers):  # non-candidates scoring >= the gold's
+            off = int(index.offsets[j])
+            for a in range(0, len(searcher.vectors), 262_144):
+                sc = torch.from_numpy(searcher._exact_scores(q.q.numpy(), q.base.numpy(), q.image.numpy(),
+                                                             slice(a, a + 262_144)))
+                r = torch.arange(off + a, off + a + sc.shape[1])
+                hit = (sc >= gold_cheap.unsqueeze(1)) & (r.unsqueeze(0) != g.unsqueeze(1))
+                if len(index.dead):
+                    hit &= ~torch.from_numpy(np.isin(r.numpy(), index.dead)).unsqueeze(0)
+                beyond += hit.sum(1)
+        beyond -= ((cheap_k >= gold_cheap.unsqueeze(1)) & (cand != g.unsqueeze(1))).sum(1)  # candidates: ranked above
+        beyond = beyond.clamp(min=0)
+        in_cand = cand == g.unsqueeze(1)
+        Sn = torch.nan_to_num(S, nan=float("inf"))
+        gold_s = torch.where(in_cand, Sn, float("-inf")).amax(1)
+        rank_in = 1 + ((gold_s.unsqueeze(1) <= Sn) & ~in_cand).sum(1)
+        ranks.append(torch.where(in_cand.any(1), rank_in, cand.shape[1] + 1 + beyond))
+        top1.append(cand.gather(1, torch.nan_to_num(S, nan=float("-inf")).argmax(1, keepdim=True)).squeeze(1))
+    return {"ranks": torch.cat(ranks), "top1": torch.cat(top1), "seconds": t_total, "seconds_first_stage": t_first}
+
+
+def gold_rows(index: EntityIndex, batch: dict[str, torch.Tensor], metas: list[dict[str, Any]]) -> torch.Tensor:
+    """The gold rows of the mentions: their e_index in a pristine index, else looked up by QID ("answer")."""
+    if index.pristine:
+        return batch["e_index"]
+    rows = []
+    for meta in metas:
+        try:
+            rows.append(index.row_of(str(meta["answer"])))
+        except KeyError as exc:
+            raise ValueError(f"mention {meta.get('id')}: its gold entity {meta.get('answer')} is not in the index "
+                             f"{index.path} (removed?): evaluate against an index that has it") from exc
+    return torch.tensor(rows, dtype=torch.long)
+
+
 def evaluate(
     checkpoint: str | Path | LoadedCheckpoint,
     shards: str | Path,
@@ -180,6 +245,7 @@ def evaluate(
     sweep_first_stages: Sequence[str] = (),
     terms: bool = False,
     progress: bool = False,
+    search: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Metrics and wall time of each mode on `split` of the packed `shards` over the whole KG, and the top-1
     agreement between the modes (when both run). `index`: reuse an entity index (its checkpoint and KG must
@@ -200,23 +266,32 @@ term alone (`TERM_NAMES`). Per-mention results are under `"per_mention"`."""
     batch, metas = read_split(shards, split, build_preprocessor(loaded.config), limit=limit, seed=seed)
     m = encode_mentions(loaded, batch)
     t_m = time.perf_counter() - t0
-    gold, e = batch["e_index"], idx.features
+    gold = gold_rows(idx, batch, metas)
+    ann = idx.params.kind != "exact"
+    e = idx.features if (not ann or "exhaustive" in modes) else None  # every row in RAM: small KGs only
     out: dict[str, Any] = {
         "checkpoint": str(loaded.path), "sha256": loaded.sha256, "variant": loaded.config.variant,
-        "shards": str(shards), "split": split, "mentions": len(gold), "entities": len(e), "limit": limit,
+        "shards": str(shards), "split": split, "mentions": len(gold), "entities": len(idx), "limit": limit,
+        "first_stage_index": idx.params.kind,
         "seconds": {"kg": t_kg, "kg_from_index": index is not None, "mentions": t_m}, "modes": {},
         "per_mention": {"m_index": batch["m_index"].tolist(), "gold": gold.tolist()},
     }
     runs: dict[str, dict[str, Any]] = {}
     for mode in modes:
         if mode == "exhaustive":
+            assert e is not None
             r = run_exhaustive(loaded, m, e, gold, sweep_ks=sweep_ks, sweep_first_stages=sweep_first_stages,
                                terms=terms)
             info: dict[str, Any] = {}
             if r["term_ranks"]:
                 info["terms"] = {k: metrics_from_ranks(v) for k, v in r["term_ranks"].items()}
         elif mode == "two-stage":
-            r = run_two_stage(loaded, m, e, gold, candidates=candidates, first_stage=first_stage)
+            if ann or not idx.pristine:
+                r = run_two_stage_index(loaded, m, idx, gold, candidates=candidates, first_stage=first_stage,
+                                        search=search)
+            else:
+                assert e is not None
+                r = run_two_stage(loaded, m, e, gold, candidates=candidates, first_stage=first_stage)
             info = {"candidates": candidates, "first_stage": first_stage,
                     "seconds_first_stage": r["seconds_first_stage"]}
         else:

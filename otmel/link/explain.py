@@ -112,15 +112,15 @@ def compute_explanation(linker: Linker, text: str, mention: str, image: ImageInp
         img = (px + torch.tensor(CLIP_MEAN)[:, None, None]).clamp(0, 1).permute(1, 2, 0).numpy()
     matching = None
     if cfg.use_matching:
-        f = linker.entities
-        r = slice(hit.row, hit.row + 1)
+        f = index.gather([hit.row]).to(linker.device)
+        r = slice(0, 1)
         # use_matching: the index holds the entities' text queries and masks, the mention was encoded with keys
         assert f.q_t is not None and f.mask_t is not None
         assert m.k_t is not None and m.h_t is not None and m.mask_t is not None
         qe = {"q": f.q_t[r]} | ({"q_s": f.q_t_s[r]} if f.q_t_s is not None else {})
         km = {"k": m.k_t, "h": m.h_t} | ({"k_s": m.k_t_s} if m.k_t_s is not None else {})
         mask_e = f.mask_t[r]
-        e_tokens = _clean(tok.convert_ids_to_tokens(index.input_ids[hit.row][mask_e[0].cpu()].tolist()))
+        e_tokens = _clean(tok.convert_ids_to_tokens(index.input_ids(hit.row)[mask_e[0].cpu()].tolist()))
         matching = _pair(model.match_t.ca, qe, km, mask_e, m.mask_t,
                          f"text matching: entity {hit.qid} ({hit.name}) tokens → mention tokens", e_tokens,
                          m_tokens, student)

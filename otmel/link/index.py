@@ -1,53 +1,41 @@
-"""The entity index: every entity-only feature of a KG computed once by a checkpoint, stored, reloaded.
+"""The entity index: a KG's entity features computed once by a checkpoint, on disk, searched without reading it.
 
-Folder layout (schema `otmel-entity-index` v1):
-- `entities.safetensors`: every tensor field of `EntityFeatures` (`f.t`, `f.ids`, `f.has_image`, `f.g`,
-  `f.q_t`, ...), rows in KG order (row i = `e_index` i), plus `input_ids` (E, L) int32, the entity's tokens
-  (name + attributes) for explanations;
-- `index.json`: schema, the checkpoint (path, weight file, **sha256 of the weight file**), the model config,
-  the KG (shard folder, fingerprint = sha256 over its KG shards' sha256), counts, tensor shapes, the retrieval
-  set-up, and the QID and name of each row.
+Folder layout (schema `otmel-entity-index` v2):
+- `index.json`, the **manifest**: schema, generation, the checkpoint (path, weight file, **sha256 of the weight
+  file**), the model config, the base KG (shard folder, fingerprint = sha256 over its KG shards' sha256), the
+  store layout, the ANN kind and parameters, the list of segments and the tombstone file;
+- `seg-NNNN/`: immutable segments (`otmel.link.store`: memory-mapped vectors, per-entity records trimmed to
+  their valid tokens, QIDs and names) with their faiss files (`otmel.link.ann`); rows of segment j follow those
+  of segment j-1 (global row = offset + local row);
+- `tombstones-GGGGGG.npy`: the global rows hidden by `--remove` until the next `--compact`.
 
-The folder is written under a temporary name and renamed into place. Loading with a checkpoint hash that
-differs from the recorded one raises `IndexMismatchError` naming both.
+Every change (build, `--add`, `--remove`, `--compact`; `otmel.link.index_update`) writes new files and then
+switches `index.json` atomically (temporary name + rename), so an interrupted change leaves the previous
+generation whole; files no manifest names are removed by the next change. A reader (`EntityIndex.load`) maps
+the files of the generation it opened; `reopen()` gives a reader of the current one.
 
-Retrieval: the first-stage scores (`otmel.model.first_stage`) are products of the cached pooled vectors
-(`g`, `t`, `v`); they are computed exactly with one pass of matrix products + `topk` in torch. No approximate
-nearest-neighbour structure is built: the "summary" score divides by a per-pair count (2 + both-have-image),
-so it is not a single inner product, and an exact pass over 50k entities costs a few ms per mention, a small
-fraction of re-ranking K candidates with OT (docs/linking.md, docs/benchmarks.md).
-
-Encoding runs as parallel Ray tasks (one actor per worker, one task per KG shard) or, with `workers=0`, in
-this process; the result is the same.
+Loading with a checkpoint hash that differs from the recorded one raises `IndexMismatchError` naming both.
+Nothing is unpickled: `.npy` with `allow_pickle=False`, raw arrays, faiss's binary format, JSON.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
-from torch.utils.data import default_collate
 
-from otmel import __version__
-from otmel.checkpoints import CheckpointError, LoadedCheckpoint, load_checkpoint_model
-from otmel.data.manifest import KG, read_manifest, shard_infos
-from otmel.data.shards import ShardInfo, iter_shard
+from otmel.data.manifest import KG, shard_infos
+from otmel.link.ann import AnnParams, SegmentSearcher, torch_query
+from otmel.link.store import Segment, StoreError
 from otmel.model import EntityFeatures
-from otmel.model.encoder import build_preprocessor
+from otmel.model.first_stage import FirstStageQuery
 
-SCHEMA, SCHEMA_VERSION = "otmel-entity-index", 1
-FEATURES_FILE, META_FILE = "entities.safetensors", "index.json"
-_PREFIX = "f."
+SCHEMA, SCHEMA_VERSION = "otmel-entity-index", 2
+META_FILE = "index.json"
 
 
 class EntityIndexError(RuntimeError):
@@ -66,20 +54,65 @@ def kg_fingerprint(shard_dir: str | Path) -> str:
     return h.hexdigest()
 
 
-@dataclass
+def read_manifest(path: Path) -> dict[str, Any]:
+    if not (path / META_FILE).is_file():
+        raise EntityIndexError(f"{path} is not an entity index (no {META_FILE}; build one with `otmel index`)")
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise EntityIndexError(f"{path / META_FILE}: not valid JSON ({exc})") from exc
+    if meta.get("schema") != SCHEMA or meta.get("schema_version") != SCHEMA_VERSION:
+        raise EntityIndexError(f"{path}: schema {meta.get('schema')!r} v{meta.get('schema_version')!r}, expected "
+                               f"{SCHEMA!r} v{SCHEMA_VERSION} (rebuild it with `otmel index`)")
+    return meta
+
+
 class EntityIndex:
-    """A KG's cached entity features (row i = KG row i) and what each row is."""
+    """An index folder opened for reading: search, gather features of rows, QIDs and names by row."""
 
-    features: EntityFeatures
-    qids: list[str]
-    names: list[str]
-    input_ids: torch.Tensor  # (E, L) int32 token ids of `name [SEP] attrs`
-    meta: dict[str, Any] = field(default_factory=dict)
-    path: Path | None = None
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        self.path, self.meta = Path(path), meta
+        self.params = AnnParams.from_json(meta["ann"])
+        try:
+            self.segments = [Segment(self.path / s["dir"]) for s in meta["segments"]]
+        except StoreError as exc:
+            raise EntityIndexError(str(exc)) from exc
+        self.searchers = [SegmentSearcher(seg.folder, seg.vectors, seg.has_image, self.params, s.get("ann"))
+                          for seg, s in zip(self.segments, meta["segments"], strict=True)]
+        self.offsets = np.cumsum([0] + [len(s) for s in self.segments])  # (S+1,) first global row of each
+        tomb = meta.get("tombstones")
+        self.dead = (np.sort(np.load(self.path / tomb, allow_pickle=False)) if tomb
+                     else np.zeros(0, dtype=np.int64))
+        self._rows: dict[str, int] | None = None
+        self._cleanup: Any = None  # keeps a temporary folder alive (an index built in memory)
 
-    def __len__(self) -> int:
-        return len(self.qids)
+    # -- opening -----------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, checkpoint_sha256: str | None = None, checkpoint: str | Path | None = None
+             ) -> EntityIndex:
+        """Open an index folder; with `checkpoint_sha256`, refuse one built from other weights."""
+        path = Path(path)
+        index = cls(path, read_manifest(path))
+        if checkpoint_sha256 is not None:
+            index.check_checkpoint(checkpoint_sha256, checkpoint or "the checkpoint")
+        return index
 
+    @property
+    def generation(self) -> int:
+        return int(self.meta["generation"])
+
+    def reopen(self) -> EntityIndex:
+        """The folder's current generation as a new reader (this one is left as it is: callers still using it
+        keep a consistent view). Refuses an index of another checkpoint."""
+        meta = read_manifest(self.path)
+        if meta["generation"] == self.generation:
+            return self
+        if meta["checkpoint"]["sha256"] != self.checkpoint_sha256:
+            raise IndexMismatchError(f"{self.path} now holds an index of another checkpoint "
+                                     f"({meta['checkpoint']['sha256']}): load it with that checkpoint")
+        return EntityIndex(self.path, meta)
+
+    # -- identity -----------------------------------------------------------------------------------------
     @property
     def checkpoint_sha256(self) -> str:
         return str(self.meta["checkpoint"]["sha256"])
@@ -88,229 +121,150 @@ class EntityIndex:
         """Raise `IndexMismatchError` unless this index was built by weights with this sha256."""
         if sha256 != self.checkpoint_sha256:
             raise IndexMismatchError(
-                f"index {self.path or '(in memory)'} was built from checkpoint "
-                f"{self.meta['checkpoint'].get('path')} (weights sha256 {self.checkpoint_sha256}), but "
-                f"{checkpoint} has weights sha256 {sha256}: rebuild it with "
-                f"`otmel index --checkpoint {checkpoint} --kg {self.meta.get('kg', {}).get('shards', 'KG')}`"
-            )
+                f"index {self.path} was built from checkpoint {self.meta['checkpoint'].get('path')} (weights "
+                f"sha256 {self.checkpoint_sha256}), but {checkpoint} has weights sha256 {sha256}: rebuild it with "
+                f"`otmel index --checkpoint {checkpoint} --kg {self.meta.get('kg', {}).get('shards', 'KG')}`")
 
     def check_kg(self, shard_dir: str | Path) -> None:
-        """Raise `IndexMismatchError` unless this index covers the KG shards of `shard_dir`."""
+        """Raise `IndexMismatchError` unless this index was built over the KG shards of `shard_dir`."""
         mine, theirs = self.meta.get("kg", {}).get("fingerprint"), kg_fingerprint(shard_dir)
         if mine != theirs:
             raise IndexMismatchError(f"index {self.path} covers KG {self.meta.get('kg', {}).get('shards')} "
                                      f"(fingerprint {mine}), not the KG of {shard_dir} (fingerprint {theirs})")
 
+    @property
+    def pristine(self) -> bool:
+        """Rows are still the base KG's e_index (no add, remove or compaction since the build)."""
+        return len(self.segments) == 1 and not len(self.dead) and not self.meta.get("compacted")
+
+    # -- rows ---------------------------------------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        """Rows, tombstoned ones included (global row numbers run 0..rows-1)."""
+        return int(self.offsets[-1])
+
+    def __len__(self) -> int:
+        """Live entities (rows minus tombstones)."""
+        return self.rows - len(self.dead)
+
+    def _locate(self, row: int) -> tuple[Segment, int]:
+        if not 0 <= row < self.rows:
+            raise IndexError(f"row {row} outside the index's 0..{self.rows - 1}")
+        j = int(np.searchsorted(self.offsets, row, side="right")) - 1
+        return self.segments[j], row - int(self.offsets[j])
+
+    def qid(self, row: int) -> str:
+        seg, r = self._locate(row)
+        return seg.qid(r)
+
+    def name(self, row: int) -> str:
+        seg, r = self._locate(row)
+        return seg.name(r)
+
+    def is_live(self, row: int) -> bool:
+        i = int(np.searchsorted(self.dead, row))
+        return not (i < len(self.dead) and self.dead[i] == row)
+
+    @property
+    def qids(self) -> list[str]:
+        """Every row's QID (tombstoned rows included): builds a list, for small KGs and tools."""
+        return [q for seg in self.segments for q in seg.qids()]
+
+    @property
+    def names(self) -> list[str]:
+        return [seg.name(i) for seg in self.segments for i in range(len(seg))]
+
     def row_of(self, qid: str) -> int:
-        """The KG row of an entity id (KeyError naming it when absent)."""
-        if not hasattr(self, "_rows"):
-            self._rows = {q: i for i, q in enumerate(self.qids)}
+        """The live row of an entity id (KeyError naming it when absent). Builds a QID map on first use."""
+        if self._rows is None:
+            self._rows = {}
+            for j, seg in enumerate(self.segments):
+                base = int(self.offsets[j])
+                for i, q in enumerate(seg.qids()):
+                    if self.is_live(base + i):
+                        self._rows[q] = base + i
         if qid not in self._rows:
             raise KeyError(f"entity {qid!r} is not in the index ({len(self)} entities)")
         return self._rows[qid]
 
-    # -- storage ----------------------------------------------------------------------------------------
-    def save(self, out: str | Path) -> Path:
-        """Write the index folder atomically: a temporary folder beside `out`, then renamed onto it."""
-        out = Path(out)
-        if out.exists() and not (out / META_FILE).exists() and any(out.iterdir()):
-            raise EntityIndexError(f"{out} exists and is not an entity index: not overwriting it")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            tensors = {_PREFIX + k: v.contiguous().cpu() for k, v in self.features.tensors().items()}
-            tensors["input_ids"] = self.input_ids.to(torch.int32).contiguous()
-            save_file(tensors, str(tmp / FEATURES_FILE), metadata={"schema": SCHEMA})
-            meta = {**self.meta, "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "otmel_version": __version__,
-                    "fields": {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in tensors.items()},
-                    "rows": {"qid": self.qids, "name": self.names}}
-            (tmp / META_FILE).write_text(json.dumps(meta, ensure_ascii=False))
-            for f in (FEATURES_FILE, META_FILE):
-                (tmp / f).chmod(0o644)  # safetensors writes 0600; an index is shared like a checkpoint
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            if out.exists():
-                out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.path = out
+    def input_ids(self, row: int) -> torch.Tensor:
+        seg, r = self._locate(row)
+        return torch.from_numpy(np.array(seg.input_ids[r]))
+
+    # -- features -----------------------------------------------------------------------------------------
+    def gather(self, rows: torch.Tensor | np.ndarray | list[int]) -> EntityFeatures:
+        """Features of global `rows` (K,) read from the store (K contiguous reads), in that order."""
+        rows = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64)
+        if len(rows) == 0:
+            raise ValueError("gather needs at least one row")
+        seg_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        parts, order = [], []
+        for j in np.unique(seg_of):
+            sel = np.flatnonzero(seg_of == j)
+            parts.append(self.segments[j].gather(rows[sel] - self.offsets[j], rows[sel]))
+            order.append(sel)
+        feats = EntityFeatures.cat(parts) if len(parts) > 1 else parts[0]
+        pos = np.concatenate(order)
+        if len(parts) > 1 or not np.array_equal(pos, np.arange(len(rows))):
+            feats = feats.select(torch.from_numpy(np.argsort(pos)))
+        return feats
+
+    @property
+    def features(self) -> EntityFeatures:
+        """Every row's features in RAM (small KGs: evaluation, reports). Tombstoned rows included."""
+        chunk = 8192
+        return EntityFeatures.cat([self.gather(np.arange(s, min(s + chunk, self.rows)))
+                                   for s in range(0, self.rows, chunk)])
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """First-stage vectors (K, D) of global rows."""
+        rows = np.asarray(rows, dtype=np.int64)
+        seg_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        out = np.empty((len(rows), self.segments[0].layout.vector_dim), np.float32)
+        for j in np.unique(seg_of):
+            sel = np.flatnonzero(seg_of == j)
+            out[sel] = self.segments[j].vectors[rows[sel] - self.offsets[j]]
         return out
 
-    @classmethod
-    def load(cls, path: str | Path, checkpoint_sha256: str | None = None, checkpoint: str | Path | None = None
-             ) -> EntityIndex:
-        """Read an index folder; with `checkpoint_sha256`, refuse one built from other weights."""
-        path = Path(path)
-        if not (path / META_FILE).is_file() or not (path / FEATURES_FILE).is_file():
-            raise EntityIndexError(f"{path} is not an entity index (expected {META_FILE} and {FEATURES_FILE}; "
-                                   "build one with `otmel index`)")
-        meta = json.loads((path / META_FILE).read_text())
-        if meta.get("schema") != SCHEMA or meta.get("schema_version") != SCHEMA_VERSION:
-            raise EntityIndexError(f"{path}: schema {meta.get('schema')!r} v{meta.get('schema_version')!r}, "
-                                   f"expected {SCHEMA!r} v{SCHEMA_VERSION}")
-        rows = meta.pop("rows")
-        tensors = load_file(str(path / FEATURES_FILE))
-        feats = EntityFeatures(**{k[len(_PREFIX):]: v for k, v in tensors.items() if k.startswith(_PREFIX)})
-        index = cls(feats, rows["qid"], rows["name"], tensors["input_ids"], meta, path)
-        if len(feats) != len(index.qids):
-            raise EntityIndexError(f"{path}: {len(feats)} feature rows but {len(index.qids)} ids (corrupt index)")
-        if checkpoint_sha256 is not None:
-            index.check_checkpoint(checkpoint_sha256, checkpoint or "the checkpoint")
-        return index
+    def has_image(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        seg_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        return np.concatenate([self.segments[j].has_image[[r - self.offsets[j]]] for j, r in zip(seg_of, rows,
+                                                                                                   strict=True)])
+
+    # -- search -------------------------------------------------------------------------------------------
+    def search(self, query: FirstStageQuery, k: int, **search: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k best live rows per mention by the first-stage score: (scores, rows) (Bm, k), best first, rows -1
+        (scores -inf) where fewer than k live rows exist. Scores are exact (recomputed from the vectors) also for
+        an ANN, whose neighbours are approximate. `search`: `ef_search`, `nprobe`, `refine` for this query."""
+        p = self.params.with_search(**search)
+        q, base, image = torch_query(query.q), torch_query(query.base), torch_query(query.image)
+        best_s = np.full((len(q), 0), -np.inf, np.float32)
+        best_r = np.zeros((len(q), 0), np.int64)
+        from otmel.link.ann import _merge
+
+        for j, searcher in enumerate(self.searchers):
+            off = int(self.offsets[j])
+            dead = self.dead[(self.dead >= off) & (self.dead < self.offsets[j + 1])] - off
+            s, r = searcher.search(q, base, image, k, dead, p)
+            best_s, best_r = _merge(best_s, best_r, s, np.where(r >= 0, r + off, -1), k)
+        best_r = np.where(np.isneginf(best_s), -1, best_r)
+        return torch.from_numpy(best_s), torch.from_numpy(best_r)
+
+    def describe(self) -> str:
+        p = self.params
+        knobs = {"exact": "", "hnsw": f" (M {p.hnsw_m}, efSearch {p.ef_search})",
+                 "ivfpq": f" (nlist {self.meta['ann'].get('nlist_built', p.nlist)}, nprobe {p.nprobe})"}[p.kind]
+        return (f"{len(self)} entities in {len(self.segments)} segment(s), {len(self.dead)} removed, "
+                f"generation {self.generation}, first stage {p.kind}{knobs}")
 
 
-# ---------------------------------------------------------------------------------------- encoding
-
-
-def _batches(samples: Iterator[dict[str, Any]], pre: Any, batch_size: int) -> Iterator[tuple[dict, list[dict]]]:
-    buf: list[dict[str, torch.Tensor]] = []
-    metas: list[dict] = []
-    for sample in samples:
-        meta = json.loads(sample["json"])
-        item = pre.entity({**meta, "image": sample.get("jpg")})
-        item["e_index"] = torch.tensor(meta["e_index"], dtype=torch.long)
-        buf.append(item)
-        metas.append(meta)
-        if len(buf) == batch_size:
-            yield default_collate(buf), metas
-            buf, metas = [], []
-    if buf:
-        yield default_collate(buf), metas
-
-
-@torch.no_grad()
-def encode_shard(loaded: LoadedCheckpoint, pre: Any, path: Path, info: ShardInfo, batch_size: int = 64
-                 ) -> dict[str, Any]:
-    """Entity features of one KG shard: {"features": {name: ndarray}, "qid", "name", "input_ids"}."""
-    parts, qids, names, ids = [], [], [], []
-    samples = iter_shard(path, expected_samples=info.samples, expected_bytes=info.bytes)
-    for batch, metas in _batches(samples, pre, batch_size):
-        parts.append(loaded.model.encode_entities(batch))
-        qids += [str(m["qid"]) for m in metas]
-        names += [str(m.get("name", "")) for m in metas]
-        ids.append(batch["e_input_ids"].to(torch.int32))
-    if not parts:
-        return {"features": {}, "qid": [], "name": [], "input_ids": None}
-    feats = EntityFeatures.cat(parts)
-    return {"features": {k: v.numpy() for k, v in feats.tensors().items()}, "qid": qids, "name": names,
-            "input_ids": torch.cat(ids).numpy()}
-
-
-class ShardEncoder:
-    """Loads a checkpoint once and encodes KG shards (run as a Ray actor, or in-process)."""
-
-    def __init__(self, checkpoint: str, threads: int = 1, batch_size: int = 64) -> None:
-        torch.set_num_threads(max(1, threads))
-        torch.set_flush_denormal(True)
-        self.loaded = load_checkpoint_model(checkpoint)
-        self.pre = build_preprocessor(self.loaded.config)
-        self.batch_size = batch_size
-
-    def encode(self, job: tuple[str, dict[str, Any]]) -> dict[str, Any]:
-        path, info = job
-        return encode_shard(self.loaded, self.pre, Path(path), ShardInfo(**info), self.batch_size)
-
-
-def _run_ray(checkpoint: str, jobs: list[tuple[str, dict]], workers: int, batch_size: int,
-             on_done: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
-    import ray
-    from ray.util import ActorPool
-
-    from otmel.ray_runtime import start_ray
-
-    started = start_ray(cpus=workers, env_vars={"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
-                        dashboard=False)
-    try:
-        actor = ray.remote(num_cpus=1)(ShardEncoder)
-        pool = ActorPool([actor.remote(checkpoint, 1, batch_size) for _ in range(min(workers, len(jobs)))])
-        results = []
-        for res in pool.map_unordered(lambda a, job: a.encode.remote(job), jobs):
-            on_done(res)
-            results.append(res)
-        return results
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def build_index(
-    checkpoint: str | Path | LoadedCheckpoint,
-    kg: str | Path,
-    out: str | Path | None = None,
-    *,
-    workers: int = 0,
-    batch_size: int = 64,
-    progress: bool = True,
-) -> EntityIndex:
-    """Encode every entity of the packed KG `kg` with `checkpoint` (one task per KG shard: Ray actors when
-    `workers` > 0, this process when 0) and, when `out` is given, write the index folder there.
-    `checkpoint` is a checkpoint (or run) directory, or an already loaded one."""
-    t0 = time.perf_counter()
-    # loaded here, before any Ray start, so that a bad checkpoint fails fast
-    loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint_model(checkpoint)
-    kg = Path(kg)
-    manifest = read_manifest(kg)
-    infos = shard_infos(kg, KG, manifest)
-    if not infos or sum(s.samples for s in infos) == 0:
-        raise EntityIndexError(f"{kg}: the KG is empty")
-    jobs = [(str((kg / s.name).resolve()), s.to_json()) for s in infos]
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(jobs), unit="shard", desc="otmel index", disable=not progress)
-    done = [0]
-
-    def on_done(res: dict[str, Any]) -> None:
-        done[0] += len(res["qid"])
-        bar.set_postfix(entities=done[0])
-        bar.update(1)
-
-    try:
-        if workers > 0:
-            results = _run_ray(str(loaded.path), jobs, workers, batch_size, on_done)
-        else:
-            pre = build_preprocessor(loaded.config)
-            results = []
-            for path, info in jobs:
-                results.append(encode_shard(loaded, pre, Path(path), ShardInfo(**info), batch_size))
-                on_done(results[-1])
-    finally:
-        bar.close()
-    index = _assemble(results, loaded, kg, manifest)
-    index.meta["build"] = {"workers": workers, "batch_size": batch_size, "seconds": time.perf_counter() - t0}
-    if out is not None:
-        index.save(out)
-    return index
-
-
-def _assemble(results: list[dict[str, Any]], loaded: LoadedCheckpoint, kg: Path, manifest: dict) -> EntityIndex:
-    results = [r for r in results if r["qid"]]
-    keys = results[0]["features"].keys()
-    feats = EntityFeatures(**{k: torch.from_numpy(np.concatenate([r["features"][k] for r in results]))
-                              for k in keys})
-    qids = [q for r in results for q in r["qid"]]
-    names = [n for r in results for n in r["name"]]
-    input_ids = torch.from_numpy(np.concatenate([r["input_ids"] for r in results]))
-    order = torch.argsort(feats.ids)
-    feats, input_ids = feats.select(order), input_ids[order]
-    qids, names = [qids[i] for i in order.tolist()], [names[i] for i in order.tolist()]
-    if not torch.equal(feats.ids, torch.arange(len(feats))):
-        raise EntityIndexError(f"{kg}: KG rows are not 0..{len(feats) - 1} (e_index gaps or duplicates)")
-    meta = {
-        "checkpoint": {"path": str(loaded.path.resolve()), "weights": loaded.weights.name, "sha256": loaded.sha256},
-        "model_config": loaded.config.to_dict(),
-        "kg": {"shards": str(kg.resolve()), "fingerprint": kg_fingerprint(kg), "source": manifest.get("source")},
-        "counts": {"entities": len(feats), "with_image": int(feats.has_image.sum())},
-        "retrieval": {"kind": "exact", "backend": "torch", "first_stage": "summary"},
-    }
-    return EntityIndex(feats, qids, names, input_ids, meta)
-
-
-def load_or_build(index: str | Path | None, kg: str | Path | None, loaded: LoadedCheckpoint, *, workers: int = 0,
+def load_or_build(index: str | Path | None, kg: str | Path | None, loaded: Any, *, workers: int = 0,
                   progress: bool = False) -> EntityIndex:
     """An index for `loaded`: read from `index` (hash checked) or encoded from the KG shards `kg`."""
+    from otmel.checkpoints import CheckpointError
+    from otmel.link.index_build import build_index
+
     if index is not None:
         return EntityIndex.load(index, loaded.sha256, loaded.path)
     if kg is None:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import default_collate
@@ -25,7 +26,7 @@ from otmel.data.images import decode_image
 from otmel.link.index import EntityIndex, load_or_build
 from otmel.model import MentionFeatures
 from otmel.model.encoder import build_preprocessor
-from otmel.model.first_stage import FIRST_STAGES, SCORE_TERMS, FirstStage, full_scores, stable_topk, two_stage
+from otmel.model.first_stage import FIRST_STAGES, SCORE_TERMS, FirstStage, full_scores, mention_queries, stable_topk
 
 MODES: tuple[str, ...] = ("exhaustive", "two-stage")
 DEFAULT_CANDIDATES = 128
@@ -101,9 +102,16 @@ class Linker:
         self.model = loaded.model.eval()
         self.pre = build_preprocessor(loaded.config)
         self.device = next(self.model.parameters()).device
-        self.entities = index.features.to(self.device)
         self.mode, self.candidates, self.first_stage = self._options(mode, candidates, first_stage)
+        self.search: dict[str, int] = {}  # query-time ANN parameters (ef_search, nprobe, refine)
         torch.set_flush_denormal(True)
+
+    def reload(self) -> bool:
+        """Pick up a changed index folder (`otmel index --add/--remove/--compact`) in place; True if it changed.
+        Calls in flight keep the generation they started with (its files stay readable while mapped)."""
+        fresh = self.index.reopen()
+        changed, self.index = fresh is not self.index, fresh
+        return changed
 
     @classmethod
     def from_checkpoint(
@@ -156,27 +164,49 @@ class Linker:
         return self.rank(m, k=k, mode=mode, candidates=candidates)[0]
 
     @torch.no_grad()
-    def rank(self, m: MentionFeatures, *, k: int = 10, mode: str | None = None, candidates: int | None = None
-             ) -> list[list[LinkedEntity]]:
-        """Top-k entities of each mention of an encoded batch."""
+    def rank(self, m: MentionFeatures, *, k: int = 10, mode: str | None = None, candidates: int | None = None,
+             **search: int | None) -> list[list[LinkedEntity]]:
+        """Top-k entities of each mention of an encoded batch. `search`: ANN parameters for this call
+        (`ef_search`, `nprobe`, `refine`; default the index's own)."""
         mode, K, first = self._options(mode or self.mode, candidates or self.candidates, self.first_stage)
         if k < 1:
             raise LinkInputError(f"k must be >= 1, got {k}")
-        k = min(k, len(self.index))
+        index = self.index  # one generation for the whole call, even if reload() runs meanwhile
+        k = min(k, len(index))
         if mode == "exhaustive":
-            scores = full_scores(self.model, m, self.entities)
-            _, top = stable_topk(scores["S_O"], k)  # (Bm, k) rows
-            picked = {t: scores[t].gather(1, top) for t in SCORE_TERMS if t in scores}
-            valid = scores["V_valid"].gather(1, top) if "V_valid" in scores else None
-            rows, cheap = top, None
-        else:
-            cheap_all, cand, scores = two_stage(self.model, m, self.entities, max(K, k), first)
-            _, pos = stable_topk(scores["S_O"], k)  # cand is in row order: ties go to the lower row
-            picked = {t: scores[t].gather(1, pos) for t in SCORE_TERMS if t in scores}
-            valid = scores["V_valid"].gather(1, pos) if "V_valid" in scores else None
-            rows = cand.gather(1, pos)
-            cheap = cheap_all.gather(1, rows)
-        return [self._hits(i, rows, picked, valid, cheap) for i in range(len(m))]
+            return self._exhaustive(index, m, k)
+        cheap, cand = index.search(mention_queries(self.model, m, first), max(K, k), **{**self.search, **search})
+        out = []
+        for i in range(len(m)):
+            ok = cand[i] >= 0
+            rows, order = cand[i][ok].sort()  # row order: an exact tie in S_O goes to the lower row
+            e = index.gather(rows).to(self.device)
+            sc = full_scores(self.model, m.select(slice(i, i + 1)), e)
+            _, pos = stable_topk(sc["S_O"], k)
+            picked = {t: sc[t].gather(1, pos) for t in SCORE_TERMS if t in sc}
+            valid = sc["V_valid"].gather(1, pos) if "V_valid" in sc else None
+            first_s = cheap[i][ok][order].unsqueeze(0).gather(1, pos.cpu())
+            out.append(self._hits(0, rows.unsqueeze(0).gather(1, pos.cpu()), picked, valid, first_s))
+        return out
+
+    def _exhaustive(self, index: EntityIndex, m: MentionFeatures, k: int, chunk: int = 4096
+                    ) -> list[list[LinkedEntity]]:
+        """Every live entity scored by the full model, chunk by chunk from the store; ties: lower row first."""
+        best: dict[str, torch.Tensor] = {}
+        for s in range(0, index.rows, chunk):
+            rows = torch.arange(s, min(s + chunk, index.rows))
+            sc = full_scores(self.model, m, index.gather(rows).to(self.device))
+            if len(index.dead):
+                dead = torch.from_numpy(np.isin(rows.numpy(), index.dead)).to(sc["S_O"].device)
+                sc["S_O"] = sc["S_O"].masked_fill(dead.unsqueeze(0), float("-inf"))
+            sc["row"] = rows.to(sc["S_O"].device).expand(len(m), -1)
+            if best:
+                sc = {t: torch.cat([best[t], sc[t]], 1) for t in sc}
+            _, pos = stable_topk(sc["S_O"], k)  # best's columns first: ties keep the lower row
+            best = {t: v.gather(1, pos) for t, v in sc.items()}
+        picked = {t: best[t] for t in SCORE_TERMS if t in best}
+        valid = best.get("V_valid")
+        return [self._hits(i, best["row"], picked, valid, None) for i in range(len(m))]
 
     def _hits(self, i: int, rows: torch.Tensor, picked: dict[str, torch.Tensor], valid: torch.Tensor | None,
               cheap: torch.Tensor | None) -> list[LinkedEntity]:
@@ -185,6 +215,7 @@ class Linker:
             terms = {t: float(v[i, j]) for t, v in picked.items()}
             if "S_V" in terms and valid is not None and not bool(valid[i, j]):
                 terms["S_V"] = None  # type: ignore[assignment]
-            out.append(LinkedEntity(rank=j + 1, row=row, qid=self.index.qids[row], name=self.index.names[row],
+            out.append(LinkedEntity(rank=j + 1, row=row, qid=self.index.qid(row), name=self.index.name(row),
                                     first_stage=None if cheap is None else float(cheap[i, j]), **terms))
         return out
+

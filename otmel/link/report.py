@@ -28,7 +28,7 @@ import torch
 from otmel.checkpoints import load_checkpoint_model, resolve_checkpoint, save_model_checkpoint
 from otmel.config import VARIANTS, ModelConfig
 from otmel.link.evaluate import encode_mentions, read_split, run_exhaustive
-from otmel.link.index import build_index
+from otmel.link.index_build import build_index
 from otmel.metrics import metrics_from_ranks
 from otmel.model import OTMEL
 from otmel.model.encoder import build_preprocessor

@@ -15,12 +15,21 @@ First-stage scores (all L2-normalised vectors of `MentionFeatures` / `EntityFeat
 For a model without unimodal matching (M2) every first stage is exact; for the CLS-only baseline the model's
 score itself is cheap and is used.
 
+As one inner product (for a nearest-neighbour index): every first stage is
+``S(m, e) = <q_m, x_e> / (base_m + image_m * has_image_e)`` with one entity vector ``x_e = [g_e | t_e | v_e]``
+(the parts the model has; ``v_e = 0`` without an image) for every kind, and a per-mention query ``q_m``, ``base_m``
+(the count of always-present terms) and ``image_m`` (1 when the image term applies). Within the entities that have
+an image (or those that do not) the denominator is a per-mention constant, so an inner-product index per
+``has_image`` partition, merged after dividing, gives exactly `first_stage_scores` (`entity_vectors`,
+`mention_queries`, `scores_from_vectors`).
+
 Ties: candidates and top-k lists are ordered by score, then by KG row (a stable sort), so results do not
 depend on the order in which chunks were scored.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -75,6 +84,74 @@ def first_stage_scores(
     if isinstance(total, float):  # fusion-only first stage of a model without fusion: fall back to "cls"
         return first_stage_scores(model, m, e, "cls")
     return total / count
+
+
+@dataclass
+class FirstStageQuery:
+    """`S(m, e) = <q, x_e> / (base + image * has_image_e)` for each mention of a batch."""
+
+    q: torch.Tensor  # (Bm, D) query vectors, D = entity_vectors(...).shape[1]
+    base: torch.Tensor  # (Bm,) float: terms present for every entity
+    image: torch.Tensor  # (Bm,) float: 1 where the visual term counts for entities that have an image
+
+    def __len__(self) -> int:
+        return len(self.q)
+
+    def select(self, idx: torch.Tensor | slice) -> FirstStageQuery:
+        return FirstStageQuery(self.q[idx], self.base[idx], self.image[idx])
+
+
+def _vector_parts(model: OTMEL) -> tuple[str, ...]:
+    """Which pooled vectors make up an entity's first-stage vector, in order."""
+    cfg = model.cfg
+    if cfg.cls_only:
+        return ("t", "v") if cfg.use_images else ("t",)
+    parts: tuple[str, ...] = ("g",) if cfg.use_fusion else ()
+    if cfg.use_matching:
+        parts += ("t", "v") if cfg.use_images else ("t",)
+    return parts
+
+
+@torch.no_grad()
+def entity_vectors(model: OTMEL, e: EntityFeatures) -> torch.Tensor:
+    """x_e = [g | t | v] (the parts the model scores with): (Be, D) float32, one per entity, for every kind."""
+    return torch.cat([getattr(e, p).float() for p in _vector_parts(model)], dim=1)
+
+
+@torch.no_grad()
+def mention_queries(model: OTMEL, m: MentionFeatures, kind: FirstStage = "summary") -> FirstStageQuery:
+    """The query side of `first_stage_scores(model, m, ., kind)` as an inner product (module docstring)."""
+    if kind not in FIRST_STAGES:
+        raise ValueError(f"unknown first-stage score {kind!r}; known: {list(FIRST_STAGES)}")
+    cfg, parts = model.cfg, _vector_parts(model)
+    has = m.has_image.float() if cfg.use_images else torch.zeros(len(m), device=m.t.device)
+    if not cfg.cls_only and kind == "fusion" and not cfg.use_fusion:
+        kind = "cls"  # as first_stage_scores: fusion-only first stage of a model without fusion
+    pieces, base = [], torch.zeros(len(m), device=m.t.device)
+    for p in parts:
+        if p == "g":
+            assert m.g is not None
+            pieces.append(m.g.float())
+            base = base + 1
+        elif kind == "fusion" and not cfg.cls_only:
+            pieces.append(torch.zeros_like(getattr(m, p)).float())
+        elif p == "t":
+            assert m.h_t is not None or cfg.cls_only
+            q = m.t if cfg.cls_only else _query(model.match_t, m.h_t, m.mask_t, m.t, kind)  # type: ignore[arg-type]
+            pieces.append(q.float())
+            base = base + 1
+        else:  # "v": zero for a mention without an image (the term is then not counted)
+            assert m.v is not None
+            q = m.v if cfg.cls_only else _query(model.match_v, m.h_v, m.mask_v, m.v, kind)  # type: ignore[arg-type]
+            pieces.append(q.float() * has.unsqueeze(1))
+    image = has if ("v" in parts and (cfg.cls_only or kind != "fusion")) else torch.zeros_like(has)
+    return FirstStageQuery(torch.cat(pieces, dim=1), base, image)
+
+
+def scores_from_vectors(query: FirstStageQuery, x: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
+    """First-stage scores (Bm, Be) from the query side and entity vectors x (Be, D) with their has_image (Be,)."""
+    num = query.q @ x.t()  # (Bm, Be)
+    return num / (query.base.unsqueeze(1) + query.image.unsqueeze(1) * has_image.float().unsqueeze(0))
 
 
 @torch.no_grad()
