@@ -12,7 +12,8 @@ Parameters were fixed before any run (docs/benchmarks.md, "Entity index at scale
 Parts:
   (a) `a`: 1M entities encoded end to end (shards/synth-1m: `otmel synth --out data/synth-1m --scale 500 --mentions
       3000` + `otmel pack ... --shard-size 10000`), the demo config's OT checkpoint; the exact index is built with
-      `otmel index` (2 Ray workers), HNSW / IVF-PQ over the same stored vectors (hard-linked store, ANN built).
+      `otmel index --store-dtype float16` (2 Ray workers; float16 so that part b fits the disk), HNSW / IVF-PQ
+      over the same stored vectors (hard-linked store, ANN built).
   (b) `b`: 10M entities made from the 1M encoded ones (10 copies; copy 0 as encoded, copies 1-9 each perturbed:
       pooled vectors x' = normalise(x + 0.3 n / sqrt(d)), token features q' = q + 0.3 std(q) n, n ~ N(0, I)),
       written by the store's own writer (float16 records); IVF-PQ; retrieval + re-rank.
@@ -162,7 +163,8 @@ def part_a(args: argparse.Namespace) -> dict[str, Any]:
     if not (exact / "index.json").exists():
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "otmel.cli", "index", "--checkpoint", str(args.checkpoint), "--kg",
-                        str(args.shards), "--out", str(exact), "--workers", "2", "--no-progress"], check=True)
+                        str(args.shards), "--out", str(exact), "--workers", "2", "--no-progress", "--store-dtype",
+                        "float16"], check=True)
         res["exact_build_s"] = time.perf_counter() - t0
     meta = json.loads((exact / "index.json").read_text())
     res["encode_s"] = meta["build"]["encode_seconds"]

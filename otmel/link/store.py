@@ -3,8 +3,9 @@
 A segment holds `n` entities (local rows 0..n-1) in plain `.npy` / raw files (read with `numpy.load(...,
 mmap_mode="r")`: no pickle, nothing executed):
 
-- `vectors.npy` (n, D) float32: the first-stage vector x_e = [g | t | v] of each entity
-  (`otmel.model.first_stage.entity_vectors`), for exact search and for building / refining the ANN index;
+- `vectors.npy` (n, D), the store's dtype: the first-stage vector x_e = [g | t | v] of each entity
+  (`otmel.model.first_stage.entity_vectors`), for exact search and for building / refining the ANN index
+  (read as float32, chunk by chunk);
 - `has_image.npy` (n,) bool;
 - `records.bin`: every per-entity tensor the full model's re-rank needs, one contiguous record per entity:
   the fixed-size fields (`t`, `v`, `g`) then the token fields (`q_t`, `q_t_s` over the entity's valid text
@@ -114,7 +115,7 @@ class SegmentWriter:
 
     def _open(self, f: EntityFeatures, vectors: np.ndarray, input_ids: np.ndarray) -> Layout:
         self.layout = Layout.of(f, vectors.shape[1], input_ids.shape[1], self.dtype)
-        self._vectors = np.lib.format.open_memmap(self.folder / "vectors.npy", "w+", np.float32,
+        self._vectors = np.lib.format.open_memmap(self.folder / "vectors.npy", "w+", np.dtype(self.dtype),
                                                   (self.n, vectors.shape[1]))
         self._input_ids = np.lib.format.open_memmap(self.folder / "input_ids.npy", "w+", np.int32,
                                                     (self.n, input_ids.shape[1]))
@@ -147,7 +148,7 @@ class SegmentWriter:
             self.string_spans[row] = (self._spos, len(q), self._spos + len(q), len(nm))
             self._spos += len(q) + len(nm)
         assert self._vectors is not None and self._input_ids is not None
-        self._vectors[rows] = vectors.astype(np.float32, copy=False)
+        self._vectors[rows] = vectors.astype(self.dtype, copy=False)
         self._input_ids[rows] = input_ids.astype(np.int32, copy=False)
         self.has_image[rows] = f.has_image.numpy()
         self.written[rows] = True
@@ -182,7 +183,7 @@ class Segment:
             self.layout = Layout.from_json(meta)
             self.n = int(meta["rows"])
             load = lambda name: np.load(self.folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)  # noqa: E731
-            self.vectors = load("vectors")  # (n, D) float32, mapped
+            self.vectors = load("vectors")  # (n, D) float32 or float16, mapped
             self.input_ids = load("input_ids")  # (n, L) int32, mapped
             self.spans, self.lengths = load("spans"), load("lengths")
             self.string_spans, self.has_image = load("string_spans"), np.asarray(load("has_image"))
