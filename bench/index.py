@@ -12,11 +12,13 @@ Parameters were fixed before any run (docs/benchmarks.md, "Entity index at scale
 Parts:
   (a) `a`: 1M entities encoded end to end (shards/synth-1m: `otmel synth --out data/synth-1m --scale 500 --mentions
       3000` + `otmel pack ... --shard-size 10000`), the demo config's OT checkpoint; the exact index is built with
-      `otmel index --store-dtype float16` (2 Ray workers; float16 so that part b fits the disk), HNSW / IVF-PQ
+      `otmel index --store-dtype float16` (2 Ray workers; float16 records so that part b fits the disk, float32
+      vectors), HNSW / IVF-PQ
       over the same stored vectors (hard-linked store, ANN built).
   (b) `b`: 10M entities made from the 1M encoded ones (10 copies; copy 0 as encoded, copies 1-9 each perturbed:
       pooled vectors x' = normalise(x + 0.3 n / sqrt(d)), token features q' = q + 0.3 std(q) n, n ~ N(0, I)),
-      written by the store's own writer (float16 records); IVF-PQ; retrieval + re-rank.
+      written by the store's own writer (float16 records and vectors, so that it fits the disk); IVF-PQ;
+      retrieval + re-rank.
   (c) `c`: `--add` of 1% more entities vs a full rebuild (100k-entity base, exact first stage): time and answers.
 
     .venv/bin/python bench/index.py a|b|c|rss [--out runs/bench] ...
@@ -215,7 +217,7 @@ def part_b(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(big, ignore_errors=True)
         seg_dir = big / "seg-0000"
         t0 = time.perf_counter()
-        writer = SegmentWriter(seg_dir, n1 * args.copies, "float16")
+        writer = SegmentWriter(seg_dir, n1 * args.copies, "float16", "float16")
         gen = torch.Generator().manual_seed(0)
         chunk = 8192
         for c in range(args.copies):

@@ -89,7 +89,7 @@ def test_eval_through_an_ann_index_equals_exact(ckpt: Path, kg: Path, index_dir:
 
 
 def test_float16_store_is_close_and_half_the_size(ckpt: Path, kg: Path, index_dir: Path, tmp_path: Path) -> None:
-    half = build_index(ckpt, kg, tmp_path / "f16", store_dtype="float16", progress=False)
+    half = build_index(ckpt, kg, tmp_path / "f16", store_dtype="float16", vector_dtype="float16", progress=False)
     full = EntityIndex.load(index_dir)
     for name in ("records.bin", "vectors.npy"):
         size = lambda p: (p / "seg-0000" / name).stat().st_size  # noqa: B023, E731
@@ -229,6 +229,10 @@ def test_updates_refuse_another_checkpoint_the_same_kg_and_duplicate_qids(ckpt: 
         EntityIndex.load(path).check_kg(extra_kg)
     with pytest.raises(IndexMismatchError):
         evaluate(ckpt, extra_kg, "test", index=path, modes=["two-stage"], limit=4)
+    from otmel.link.index_update import index_lock
+
+    with index_lock(path), pytest.raises(EntityIndexError, match="being changed by another process"):
+        remove_from_index(path, ["Q1000001"])  # one writer at a time
     assert EntityIndex.load(path).generation == 1  # nothing changed
 
 

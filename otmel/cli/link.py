@@ -29,6 +29,8 @@ def _ann_args(p: argparse.ArgumentParser, build: bool) -> None:
         g.add_argument("--train-size", type=int, default=200_000, help="IVF-PQ training sample")
         g.add_argument("--store-dtype", choices=["float32", "float16"], default="float32",
                        help="re-rank features on disk (float16 halves the store)")
+        g.add_argument("--vector-dtype", choices=["float32", "float16"], default="float32",
+                       help="first-stage vectors on disk (float16 halves them; exact search converts)")
     g.add_argument("--ef-search", type=int, default=None, help="HNSW query beam (default: the index's)")
     g.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per query (default: the index's)")
     g.add_argument("--refine", type=int, default=None, help="fetch refine x K by the ANN, keep K by exact score")
@@ -101,7 +103,7 @@ def _cmd_index(sub: argparse._SubParsersAction) -> None:
                                                 "(or update one with --add/--remove/--compact --into INDEX)"))
             index = build_index(args.checkpoint, args.kg, args.out, workers=args.workers, batch_size=args.batch_size,
                                 progress=not args.no_progress, ann=_ann_params(args),  # type: ignore[arg-type]
-                                store_dtype=args.store_dtype)
+                                store_dtype=args.store_dtype, vector_dtype=args.vector_dtype)
         except errors as exc:
             return fail("index", exc)
         b = index.meta["build"]

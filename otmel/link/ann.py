@@ -230,11 +230,12 @@ def _merge(s1: np.ndarray, r1: np.ndarray, s2: np.ndarray, r2: np.ndarray, k: in
     s = np.nan_to_num(np.where(r < 0, -np.inf, s), nan=-np.inf)
     kk = min(k, s.shape[1])
     out_s, out_r = np.empty((len(s), kk), np.float32), np.empty((len(s), kk), np.int64)
+    kth = (torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32)).topk(kk, dim=1).values[:, -1].numpy()
+           if s.shape[1] > kk else None)  # the k-th best per row (one vectorised top-k)
     for i in range(len(s)):
         si, ri = s[i], r[i]
-        if len(si) > kk:
-            kth = np.partition(si, len(si) - kk)[len(si) - kk]
-            keep = np.flatnonzero(si >= kth)
+        if kth is not None:
+            keep = np.flatnonzero(si >= kth[i])
             si, ri = si[keep], ri[keep]
         order = np.lexsort((ri, -si))[:kk]
         out_s[i], out_r[i] = si[order], ri[order]

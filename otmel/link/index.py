@@ -216,21 +216,24 @@ class EntityIndex:
         return EntityFeatures.cat([self.gather(np.arange(s, min(s + chunk, self.rows)))
                                    for s in range(0, self.rows, chunk)])
 
-    def vectors(self, rows: np.ndarray) -> np.ndarray:
-        """First-stage vectors (K, D) of global rows."""
+    def _per_segment(self, rows: np.ndarray, get: Any, width: tuple[int, ...], dtype: Any) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
         seg_of = np.searchsorted(self.offsets, rows, side="right") - 1
-        out = np.empty((len(rows), self.segments[0].layout.vector_dim), np.float32)
+        out = np.empty((len(rows), *width), dtype)
         for j in np.unique(seg_of):
             sel = np.flatnonzero(seg_of == j)
-            out[sel] = self.segments[j].vectors[rows[sel] - self.offsets[j]]
+            out[sel] = get(self.segments[j])[rows[sel] - self.offsets[j]]
         return out
 
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """First-stage vectors (K, D) float32 of global rows."""
+        return self._per_segment(rows, lambda s: s.vectors, (self.segments[0].layout.vector_dim,), np.float32)
+
     def has_image(self, rows: np.ndarray) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.int64)
-        seg_of = np.searchsorted(self.offsets, rows, side="right") - 1
-        return np.concatenate([self.segments[j].has_image[[r - self.offsets[j]]] for j, r in zip(seg_of, rows,
-                                                                                                   strict=True)])
+        return self._per_segment(rows, lambda s: s.has_image, (), bool)
+
+    def input_id_rows(self, rows: np.ndarray) -> np.ndarray:
+        return self._per_segment(rows, lambda s: s.input_ids, (self.segments[0].layout.input_len,), np.int32)
 
     # -- search -------------------------------------------------------------------------------------------
     def search(self, query: FirstStageQuery, k: int, **search: Any) -> tuple[torch.Tensor, torch.Tensor]:

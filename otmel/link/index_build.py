@@ -103,7 +103,7 @@ def _run_ray(checkpoint: str, jobs: list[tuple[str, dict]], workers: int, batch_
 
 
 def encode_kg_segment(loaded: LoadedCheckpoint, kg: Path, folder: Path, *, workers: int, batch_size: int,
-                      store_dtype: str, progress: bool) -> dict[str, Any]:
+                      store_dtype: str, progress: bool, vector_dtype: str = "float32") -> dict[str, Any]:
     """Encode every entity of the packed KG `kg` into a new segment folder. Rows = the KG's e_index (0..n-1)."""
     manifest = read_manifest(kg)
     infos = shard_infos(kg, KG, manifest)
@@ -111,7 +111,7 @@ def encode_kg_segment(loaded: LoadedCheckpoint, kg: Path, folder: Path, *, worke
     if not infos or n == 0:
         raise EntityIndexError(f"{kg}: the KG is empty")
     jobs = [(str((kg / s.name).resolve()), s.to_json()) for s in infos]
-    writer = SegmentWriter(folder, n, store_dtype)
+    writer = SegmentWriter(folder, n, store_dtype, vector_dtype)
     from tqdm import tqdm
 
     bar = tqdm(total=n, unit="entity", desc="otmel index", disable=not progress)
@@ -167,10 +167,13 @@ def build_index(
     progress: bool = True,
     ann: AnnParams | None = None,
     store_dtype: str = "float32",
+    vector_dtype: str = "float32",
 ) -> EntityIndex:
     """Encode every entity of the packed KG `kg` with `checkpoint` (one task per KG shard: Ray actors when
     `workers` > 0, this process when 0), build the first-stage index `ann` (exact by default) and write the index
-    folder `out` (replaced atomically: built under a temporary name, then renamed). Without `out` the index lives
+    folder `out` (replaced atomically: built under a temporary name, then renamed). `store_dtype`: the re-rank
+    records on disk; `vector_dtype`: the first-stage vectors (float16 halves them; exact search then converts).
+    Without `out` the index lives
     in a temporary folder removed when the returned object is garbage-collected."""
     t0 = time.perf_counter()
     params = ann or AnnParams()
@@ -189,7 +192,7 @@ def build_index(
     tmp.mkdir()
     try:
         seg = encode_kg_segment(loaded, kg, tmp / "seg-0000", workers=workers, batch_size=batch_size,
-                                store_dtype=store_dtype, progress=progress)
+                                store_dtype=store_dtype, progress=progress, vector_dtype=vector_dtype)
         t_enc = time.perf_counter() - t0
         ann_meta = finish_segment(tmp / "seg-0000", params)
         meta = new_manifest(loaded, seg, params)

@@ -106,7 +106,8 @@ def add_to_index(into: str | Path, kg: str | Path, checkpoint: str | Path | Load
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             seg = encode_kg_segment(loaded, kg, tmp, workers=workers, batch_size=batch_size,
-                                    store_dtype=meta["layout"]["dtype"], progress=progress)
+                                    store_dtype=meta["layout"]["dtype"], progress=progress,
+                                    vector_dtype=str(index.segments[0].vectors.dtype))
             if seg["layout"] != meta["layout"]:
                 raise EntityIndexError(f"{kg}: features of layout {seg['layout']} do not fit the index's "
                                        f"{meta['layout']}")
@@ -176,11 +177,11 @@ def compact_index(into: str | Path, *, ann: AnnParams | None = None, chunk: int 
         tmp = path / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            writer = SegmentWriter(tmp, len(live), meta["layout"]["dtype"])
+            writer = SegmentWriter(tmp, len(live), meta["layout"]["dtype"], str(index.segments[0].vectors.dtype))
             for s in range(0, len(live), chunk):
                 rows = live[s:s + chunk]
                 f = index.gather(rows)
-                ids = np.stack([index.input_ids(int(r)).numpy() for r in rows])
+                ids = index.input_id_rows(rows)
                 writer.write(np.arange(s, s + len(rows)), f, index.vectors(rows), ids,
                              [index.qid(int(r)) for r in rows], [index.name(int(r)) for r in rows])
             writer.close()

@@ -3,7 +3,7 @@
 A segment holds `n` entities (local rows 0..n-1) in plain `.npy` / raw files (read with `numpy.load(...,
 mmap_mode="r")`: no pickle, nothing executed):
 
-- `vectors.npy` (n, D), the store's dtype: the first-stage vector x_e = [g | t | v] of each entity
+- `vectors.npy` (n, D) float32 (float16 on request): the first-stage vector x_e = [g | t | v] of each entity
   (`otmel.model.first_stage.entity_vectors`), for exact search and for building / refining the ANN index
   (read as float32, chunk by chunk);
 - `has_image.npy` (n,) bool;
@@ -98,8 +98,10 @@ def _prefix_lengths(mask: torch.Tensor | None, what: str) -> np.ndarray:
 class SegmentWriter:
     """Writes one segment of `n` rows, batch by batch, in any row order; `close()` checks every row came once."""
 
-    def __init__(self, folder: Path, n: int, dtype: str = "float32") -> None:
-        self.folder, self.n, self.dtype = Path(folder), int(n), dtype
+    def __init__(self, folder: Path, n: int, dtype: str = "float32", vector_dtype: str = "float32") -> None:
+        if vector_dtype not in STORE_DTYPES:
+            raise StoreError(f"vector dtype must be one of {STORE_DTYPES}, got {vector_dtype!r}")
+        self.folder, self.n, self.dtype, self.vector_dtype = Path(folder), int(n), dtype, vector_dtype
         self.folder.mkdir(parents=True, exist_ok=True)
         self.layout: Layout | None = None
         self.written = np.zeros(self.n, dtype=bool)
@@ -115,7 +117,7 @@ class SegmentWriter:
 
     def _open(self, f: EntityFeatures, vectors: np.ndarray, input_ids: np.ndarray) -> Layout:
         self.layout = Layout.of(f, vectors.shape[1], input_ids.shape[1], self.dtype)
-        self._vectors = np.lib.format.open_memmap(self.folder / "vectors.npy", "w+", np.dtype(self.dtype),
+        self._vectors = np.lib.format.open_memmap(self.folder / "vectors.npy", "w+", np.dtype(self.vector_dtype),
                                                   (self.n, vectors.shape[1]))
         self._input_ids = np.lib.format.open_memmap(self.folder / "input_ids.npy", "w+", np.int32,
                                                     (self.n, input_ids.shape[1]))
@@ -148,7 +150,7 @@ class SegmentWriter:
             self.string_spans[row] = (self._spos, len(q), self._spos + len(q), len(nm))
             self._spos += len(q) + len(nm)
         assert self._vectors is not None and self._input_ids is not None
-        self._vectors[rows] = vectors.astype(self.dtype, copy=False)
+        self._vectors[rows] = vectors.astype(self.vector_dtype, copy=False)
         self._input_ids[rows] = input_ids.astype(np.int32, copy=False)
         self.has_image[rows] = f.has_image.numpy()
         self.written[rows] = True
