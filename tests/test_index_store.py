@@ -78,6 +78,18 @@ def test_ann_equals_exact_at_exhaustive_search_parameters(kind: str, ckpt: Path,
         ann.search(q, 10, hnsw_m=4)
 
 
+def test_auto_is_exact_below_the_threshold_and_the_cli_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    from otmel.link.ann import AUTO_EXACT_BELOW, AUTO_LARGE
+
+    assert AnnParams("auto").resolve(AUTO_EXACT_BELOW - 1).kind == "exact"
+    assert AnnParams("auto", nprobe=7).resolve(AUTO_EXACT_BELOW) == AnnParams(AUTO_LARGE, nprobe=7)
+    with pytest.raises(SystemExit):
+        main(["index", "--help"])
+    assert f"{AUTO_EXACT_BELOW:,}" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(AnnError, match="unknown ANN kind"):
+        AnnParams("lsh")
+
+
 def test_eval_through_an_ann_index_equals_exact(ckpt: Path, kg: Path, index_dir: Path, tmp_path: Path) -> None:
     build_index(ckpt, kg, tmp_path / "h", ann=EXHAUSTIVE["hnsw"], progress=False)
     common = dict(modes=["two-stage"], candidates=8, limit=20)

@@ -19,8 +19,9 @@ def _link_errors() -> tuple[type[BaseException], ...]:
 def _ann_args(p: argparse.ArgumentParser, build: bool) -> None:
     g = p.add_argument_group("first-stage index (see docs/linking.md)")
     if build:
-        g.add_argument("--ann", choices=["exact", "hnsw", "ivfpq"], default=None,
-                       help="first-stage search: exact (default; best below ~1M entities), hnsw, or ivfpq (10M+)")
+        g.add_argument("--ann", choices=["auto", "exact", "hnsw", "ivfpq"], default=None,
+                       help="first-stage search (default auto: exact below 250,000 entities, else ivfpq; "
+                       "docs/linking.md)")
         g.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree M")
         g.add_argument("--ef-construction", type=int, default=40, help="HNSW build beam")
         g.add_argument("--nlist", type=int, default=0, help="IVF lists (0: ~4 sqrt(n))")
@@ -43,7 +44,7 @@ def search_overrides(args: argparse.Namespace) -> dict[str, int]:
 def _ann_params(args: argparse.Namespace) -> object:
     from otmel.link.ann import AnnParams
 
-    p = AnnParams(kind=args.ann or "exact", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
+    p = AnnParams(kind=args.ann or "auto", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
                   nlist=args.nlist, pq_m=args.pq_m, pq_bits=args.pq_bits, train_size=args.train_size)
     return p.with_search(**search_overrides(args))
 

@@ -29,6 +29,10 @@ import numpy as np
 import torch
 
 ANN_KINDS = ("exact", "hnsw", "ivfpq")
+# `auto` (the default of `otmel index`): exact below this many entities, AUTO_LARGE at or above it. Chosen from
+# bench/index.py (docs/linking.md, "Choosing exact, HNSW or IVF-PQ").
+AUTO_EXACT_BELOW = 250_000
+AUTO_LARGE = "ivfpq"
 SEARCH_KEYS = ("ef_search", "nprobe", "refine")
 
 
@@ -54,7 +58,7 @@ class AnnParams:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.kind not in ANN_KINDS:
+        if self.kind not in (*ANN_KINDS, "auto"):
             raise AnnError(f"unknown ANN kind {self.kind!r}; choose one of {list(ANN_KINDS)}")
         for k in ("hnsw_m", "ef_construction", "ef_search", "nprobe", "pq_bits", "train_size", "refine"):
             if int(getattr(self, k)) < 1:
@@ -69,6 +73,12 @@ class AnnParams:
     def from_json(cls, d: dict[str, Any]) -> AnnParams:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "extra"}
         return cls(**known)
+
+    def resolve(self, n: int) -> AnnParams:
+        """`auto` made concrete for a KG of n entities (exact below AUTO_EXACT_BELOW)."""
+        if self.kind != "auto":
+            return self
+        return replace(self, kind="exact" if n < AUTO_EXACT_BELOW else AUTO_LARGE)
 
     def with_search(self, **overrides: Any) -> AnnParams:
         bad = [k for k, v in overrides.items() if v is not None and k not in SEARCH_KEYS]

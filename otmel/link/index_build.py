@@ -170,13 +170,13 @@ def build_index(
     vector_dtype: str = "float32",
 ) -> EntityIndex:
     """Encode every entity of the packed KG `kg` with `checkpoint` (one task per KG shard: Ray actors when
-    `workers` > 0, this process when 0), build the first-stage index `ann` (exact by default) and write the index
-    folder `out` (replaced atomically: built under a temporary name, then renamed). `store_dtype`: the re-rank
-    records on disk; `vector_dtype`: the first-stage vectors (float16 halves them; exact search then converts).
-    Without `out` the index lives
-    in a temporary folder removed when the returned object is garbage-collected."""
+    `workers` > 0, this process when 0), build the first-stage index `ann` (default `auto`: exact below
+    `AUTO_EXACT_BELOW` entities, else IVF-PQ) and write the index folder `out` (replaced atomically: built under a
+    temporary name, then renamed). `store_dtype`: the re-rank records on disk; `vector_dtype`: the first-stage
+    vectors (float16 halves them; exact search then converts). Without `out` the index lives in a temporary
+    folder removed when the returned object is garbage-collected."""
     t0 = time.perf_counter()
-    params = ann or AnnParams()
+    params = ann or AnnParams("auto")
     loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint_model(checkpoint)
     kg = Path(kg)
     read_manifest(kg)  # a bad shard folder fails before anything is written
@@ -194,6 +194,7 @@ def build_index(
         seg = encode_kg_segment(loaded, kg, tmp / "seg-0000", workers=workers, batch_size=batch_size,
                                 store_dtype=store_dtype, progress=progress, vector_dtype=vector_dtype)
         t_enc = time.perf_counter() - t0
+        params = params.resolve(seg["rows"])
         ann_meta = finish_segment(tmp / "seg-0000", params)
         meta = new_manifest(loaded, seg, params)
         meta["segments"] = [{"dir": "seg-0000", "rows": seg["rows"], "kg": seg["kg"], "ann": ann_meta}]

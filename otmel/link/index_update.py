@@ -169,7 +169,7 @@ def compact_index(into: str | Path, *, ann: AnnParams | None = None, chunk: int 
     ANN parameters, default the index's own); the old segments and tombstones go."""
     path, index = _open(into, None)
     t0 = time.perf_counter()
-    params = ann or index.params
+    params = (ann or index.params).resolve(len(index))
     with index_lock(path):
         meta = index.meta
         live = np.setdiff1d(np.arange(index.rows), index.dead)
