@@ -5,8 +5,8 @@ Parameters were fixed before any run (docs/benchmarks.md, "Entity index at scale
   against the exact first-stage top-K, also at K = 10;
 - HNSW M 32, efConstruction 40, efSearch 128; IVF-PQ nlist 4096, m = D / 4 (64 bytes per vector at D 256),
   8 bits, trained on 200k vectors, nprobe 32, refine 2 (fetch 2K, keep K by the exact score);
-- latency per mention at batch 1 (every test mention alone) and 64; faiss with 1 thread at batch 1 and 2 threads
-  at batch 64; p50 / p99 over the mentions; resident memory measured in a fresh process (`rss` below) after its
+- latency per mention at batch 1 (every test mention alone) and 64, after 8 untimed warm-up queries; torch and
+  faiss with 1 thread; p50 / p99 over the mentions; resident memory measured in a fresh process (`rss` below) after its
   queries: VmRSS, and its anonymous (heap) and file-backed (mapped index files) parts.
 
 Parts:
@@ -96,13 +96,19 @@ def mentions(ckpt: Path, shards: Path, split: str = "test", limit: int | None = 
     return encode_mentions(loaded, batch), batch["e_index"]
 
 
-def time_index(linker: Linker, m: Any, threads1: int = 1, threads64: int = 2) -> dict[str, Any]:
-    """First-stage and end-to-end latency per mention at batch 1 and 64; the answers at batch 64."""
+def time_index(linker: Linker, m: Any, threads1: int = 1, threads64: int = 1) -> dict[str, Any]:
+    """First-stage and end-to-end latency per mention at batch 1 and 64 (after 8 warm-up queries that are not
+    timed); the answers at batch 64. One thread by default: on 2 shared cores a second OpenMP thread that gets
+    descheduled stalls every parallel op."""
     import faiss
 
     idx, model = linker.index, linker.model
     out: dict[str, Any] = {}
     q_all = mention_queries(model, m, "summary")
+    faiss.omp_set_num_threads(threads1)
+    torch.set_num_threads(threads1)
+    for i in range(min(8, len(m))):  # warm-up: first touches of the mapped files, allocator, faiss
+        linker.rank(m.select(slice(i, i + 1)), k=TOP, candidates=K)
     faiss.omp_set_num_threads(threads1)
     torch.set_num_threads(threads1)
     fs1, e2e1 = [], []
