@@ -177,6 +177,8 @@ def test_add_remove_compact_reload_change_the_answers(ckpt: Path, kg: Path, extr
         assert not set(row) & set(top1)
     with pytest.raises(KeyError, match="not in the index"):
         remove_from_index(path, [top1[0]])
+    with pytest.raises(ValueError, match="removed entities"):
+        evaluate(ckpt, kg, "test", index=path, modes=["exhaustive"], limit=4)
     # compact: same answers, one segment, no tombstones, rows renumbered
     compact_index(path)
     assert linker.reload()

@@ -262,6 +262,9 @@ term alone (`TERM_NAMES`). Per-mention results are under `"per_mention"`."""
     if index is not None:
         idx.check_kg(shards)
     t_kg = time.perf_counter() - t0
+    if len(idx.dead) and "exhaustive" in modes:
+        raise ValueError(f"index {idx.path} has {len(idx.dead)} removed entities: evaluate the exhaustive mode after "
+                         f"`otmel index --compact --into {idx.path}` (two-stage skips removed entities)")
     t0 = time.perf_counter()
     batch, metas = read_split(shards, split, build_preprocessor(loaded.config), limit=limit, seed=seed)
     m = encode_mentions(loaded, batch)
