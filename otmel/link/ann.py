@@ -10,11 +10,16 @@ Kinds (`AnnParams.kind`):
 - ``hnsw``: `faiss.IndexHNSWFlat` (M, efConstruction at build; efSearch at query time).
 - ``ivfpq``: `faiss.IndexIVFPQ` (nlist lists, m sub-quantizers of `bits` bits; trained on a sample of at most
   `train_size` vectors; nprobe at query time). Segments added later reuse the first segment's trained quantizer.
-  A partition too small to train on (under 39 x nlist or 1,000 vectors) gets an exact `IndexFlatIP` instead.
+  A partition with fewer than 39 x nlist vectors gets ~4 sqrt(n) lists; one under 1,000 vectors an exact
+  `IndexFlatIP`.
 
-ANN scores are approximate: with `refine` > 1 a query fetches `refine` x K neighbours and keeps the K best by
-their exact score (recomputed from `vectors.npy`), as `faiss.IndexRefine` does. Files are faiss's own binary
-format (`faiss.read_index`; no pickle), mapped where faiss can (`IO_FLAG_MMAP_IFC`).
+HNSW (`IndexHNSWFlat` keeps the full vectors) returns exact scores of approximate neighbours; IVF-PQ scores are
+approximate: with `refine` > 1 a query fetches `refine` x K neighbours and keeps the K best by their exact score
+(recomputed from `vectors.npy`), as `faiss.IndexRefine` does; with `refine` 1 its scores are the PQ estimates.
+Files are faiss's own binary
+format (`faiss.read_index`; no pickle), read into RAM (the ANN is what a linker keeps resident: HNSW searches
+were 2-4x slower from a mapped file, docs/benchmarks.md) or, with `mmap_ann=True`, mapped (`IO_FLAG_MMAP_IFC`)
+for an index larger than RAM.
 """
 
 from __future__ import annotations
@@ -110,10 +115,12 @@ def _build_one(x: np.ndarray, rows: np.ndarray, p: AnnParams, template: Any | No
     elif template is not None:
         index = faiss.clone_index(template)
         index.reset()
-    elif n < 39 * (p.nlist or _auto_nlist(n)) or n < 1000:
+    elif n < 1000:
         index = faiss.IndexFlatIP(D)  # too few vectors to train IVF-PQ on (a small partition): exact, and tiny
     else:
         nlist = p.nlist or _auto_nlist(n)
+        if n < 39 * nlist:  # a small partition (e.g. the entities without an image): fewer lists
+            nlist = _auto_nlist(n)
         m = p.pq_m or max(1, D // 4)
         if D % m:
             raise AnnError(f"pq_m = {m} does not divide the vector dimension {D}")
@@ -158,7 +165,7 @@ class SegmentSearcher:
     """First-stage top-k over one segment (`vectors` mapped; faiss indexes opened mapped where faiss can)."""
 
     def __init__(self, folder: Path, vectors: np.ndarray, has_image: np.ndarray, p: AnnParams,
-                 ann: dict[str, Any] | None) -> None:
+                 ann: dict[str, Any] | None, mmap_ann: bool = False) -> None:
         self.folder, self.vectors, self.has_image, self.params = folder, vectors, has_image, p
         self.parts: dict[int, tuple[Any, np.ndarray]] = {}
         if p.kind != "exact":
@@ -169,7 +176,8 @@ class SegmentSearcher:
                 if len(rows) and name is None:
                     raise AnnError(f"{folder}: no {p.kind} file for partition {part} ({len(rows)} rows)")
                 if name is not None:
-                    index = faiss.read_index(str(folder / name), getattr(faiss, "IO_FLAG_MMAP_IFC", 512))
+                    flag = getattr(faiss, "IO_FLAG_MMAP_IFC", 512) if mmap_ann else 0
+                    index = faiss.read_index(str(folder / name), flag)
                     if index.ntotal != len(rows):
                         raise AnnError(f"{folder / name}: {index.ntotal} vectors for {len(rows)} rows (corrupt)")
                     self.parts[part] = (index, rows)
@@ -221,13 +229,18 @@ class SegmentSearcher:
             if len(dead_p):
                 sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(dead_p.astype(np.int64)))
                 params.sel = sel
-            _, ids = index.search(np.ascontiguousarray(q, dtype=np.float32), min(fetch, index.ntotal), params=params)
+            sims, ids = index.search(np.ascontiguousarray(q, dtype=np.float32), min(fetch, index.ntotal),
+                                     params=params)
             local = np.where(ids >= 0, rows[np.clip(ids, 0, None)], -1)  # (Bm, fetch) segment rows, -1 = none
-            exact = np.full(local.shape, -np.inf, np.float32)
-            for i in range(len(q)):  # exact scores of the fetched rows (refine; also the reported score)
-                ok = local[i] >= 0
-                if ok.any():
-                    exact[i, ok] = self._exact_scores(q[i:i + 1], base[i:i + 1], image[i:i + 1], local[i, ok])[0]
+            if p.kind == "ivfpq" and p.refine > 1 and not isinstance(index, faiss.IndexFlat):
+                exact = np.full(local.shape, -np.inf, np.float32)
+                for i in range(len(q)):  # refine: exact scores of the fetched rows, the best K kept below
+                    ok = local[i] >= 0
+                    if ok.any():
+                        exact[i, ok] = self._exact_scores(q[i:i + 1], base[i:i + 1], image[i:i + 1], local[i, ok])[0]
+            else:  # the index's own inner products (exact for HNSW-Flat and Flat), divided by the pair count
+                has = self.has_image[np.clip(local, 0, None)].astype(np.float32)
+                exact = np.where(local >= 0, sims / (base[:, None] + image[:, None] * has), -np.inf)
             best_s, best_r = _merge(best_s, best_r, exact, local, k)
         return _drop_dead(best_s, best_r)
 

@@ -70,15 +70,18 @@ def read_manifest(path: Path) -> dict[str, Any]:
 class EntityIndex:
     """An index folder opened for reading: search, gather features of rows, QIDs and names by row."""
 
-    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
-        self.path, self.meta = Path(path), meta
+    def __init__(self, path: Path, meta: dict[str, Any], mmap_ann: bool = False) -> None:
+        self.path, self.meta, self.mmap_ann = Path(path), meta, mmap_ann
         self.params = AnnParams.from_json(meta["ann"])
         try:
             self.segments = [Segment(self.path / s["dir"]) for s in meta["segments"]]
         except StoreError as exc:
             raise EntityIndexError(str(exc)) from exc
-        self.searchers = [SegmentSearcher(seg.folder, seg.vectors, seg.has_image, self.params, s.get("ann"))
+        self.searchers = [SegmentSearcher(seg.folder, seg.vectors, seg.has_image, self.params, s.get("ann"), mmap_ann)
                           for seg, s in zip(self.segments, meta["segments"], strict=True)]
+        if self.params.kind != "exact":  # vectors are then only read row by row (re-scoring): no readahead
+            for seg in self.segments:
+                seg.advise_random(vectors=True)
         self.offsets = np.cumsum([0] + [len(s) for s in self.segments])  # (S+1,) first global row of each
         tomb = meta.get("tombstones")
         self.dead = (np.sort(np.load(self.path / tomb, allow_pickle=False)) if tomb
@@ -88,11 +91,12 @@ class EntityIndex:
 
     # -- opening -----------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, checkpoint_sha256: str | None = None, checkpoint: str | Path | None = None
-             ) -> EntityIndex:
-        """Open an index folder; with `checkpoint_sha256`, refuse one built from other weights."""
+    def load(cls, path: str | Path, checkpoint_sha256: str | None = None, checkpoint: str | Path | None = None,
+             *, mmap_ann: bool = False) -> EntityIndex:
+        """Open an index folder; with `checkpoint_sha256`, refuse one built from other weights. `mmap_ann`: map
+        the faiss files instead of reading them into RAM (an ANN index larger than RAM)."""
         path = Path(path)
-        index = cls(path, read_manifest(path))
+        index = cls(path, read_manifest(path), mmap_ann)
         if checkpoint_sha256 is not None:
             index.check_checkpoint(checkpoint_sha256, checkpoint or "the checkpoint")
         return index
@@ -110,7 +114,7 @@ class EntityIndex:
         if meta["checkpoint"]["sha256"] != self.checkpoint_sha256:
             raise IndexMismatchError(f"{self.path} now holds an index of another checkpoint "
                                      f"({meta['checkpoint']['sha256']}): load it with that checkpoint")
-        return EntityIndex(self.path, meta)
+        return EntityIndex(self.path, meta, self.mmap_ann)
 
     # -- identity -----------------------------------------------------------------------------------------
     @property
@@ -238,8 +242,9 @@ class EntityIndex:
     # -- search -------------------------------------------------------------------------------------------
     def search(self, query: FirstStageQuery, k: int, **search: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The k best live rows per mention by the first-stage score: (scores, rows) (Bm, k), best first, rows -1
-        (scores -inf) where fewer than k live rows exist. Scores are exact (recomputed from the vectors) also for
-        an ANN, whose neighbours are approximate. `search`: `ef_search`, `nprobe`, `refine` for this query."""
+        (scores -inf) where fewer than k live rows exist. Scores are exact for `exact` and `hnsw` (and `ivfpq`
+        with refine > 1, re-scored from the vectors); IVF-PQ with refine 1 gives its PQ estimates.
+        `search`: `ef_search`, `nprobe`, `refine` for this query."""
         p = self.params.with_search(**search)
         q, base, image = torch_query(query.q), torch_query(query.base), torch_query(query.image)
         best_s = np.full((len(q), 0), -np.inf, np.float32)

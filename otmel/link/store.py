@@ -195,9 +195,21 @@ class Segment:
             self.strings = np.memmap(self.folder / "strings.bin", dtype=np.uint8, mode="r")
         except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
             raise StoreError(f"segment {self.folder}: unreadable or incomplete ({exc})") from exc
+        self.advise_random(vectors=False)
         if len(self.vectors) != self.n or len(self.spans) != self.n:
             raise StoreError(f"segment {self.folder}: {len(self.vectors)} vectors / {len(self.spans)} records "
                              f"for {self.n} rows (corrupt)")
+
+    def advise_random(self, vectors: bool) -> None:
+        """madvise(MADV_RANDOM) on the maps read record by record (no kernel readahead: a candidate's record
+        costs its own pages, not the next megabyte); `vectors` too when they are not scanned (an ANN index)."""
+        import mmap
+
+        maps = [self.records, self.strings, self.input_ids] + ([self.vectors] if vectors else [])
+        for arr in maps:
+            mm = getattr(arr, "_mmap", None)
+            if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+                mm.madvise(mmap.MADV_RANDOM)
 
     def __len__(self) -> int:
         return self.n
