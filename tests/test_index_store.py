@@ -79,13 +79,15 @@ def test_ann_equals_exact_at_exhaustive_search_parameters(kind: str, ckpt: Path,
 
 
 def test_auto_is_exact_below_the_threshold_and_the_cli_says_so(capsys: pytest.CaptureFixture[str]) -> None:
-    from otmel.link.ann import AUTO_EXACT_BELOW, AUTO_LARGE
+    from otmel.link.ann import AUTO_EXACT_BELOW, AUTO_HNSW_BELOW
 
     assert AnnParams("auto").resolve(AUTO_EXACT_BELOW - 1).kind == "exact"
-    assert AnnParams("auto", nprobe=7).resolve(AUTO_EXACT_BELOW) == AnnParams(AUTO_LARGE, nprobe=7)
+    assert AnnParams("auto", nprobe=7).resolve(AUTO_EXACT_BELOW) == AnnParams("hnsw", nprobe=7)
+    assert AnnParams("auto").resolve(AUTO_HNSW_BELOW).kind == "ivfpq"
     with pytest.raises(SystemExit):
         main(["index", "--help"])
-    assert f"{AUTO_EXACT_BELOW:,}" in " ".join(capsys.readouterr().out.split())
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"{AUTO_EXACT_BELOW:,}" in text and f"{AUTO_HNSW_BELOW:,}" in text
     with pytest.raises(AnnError, match="unknown ANN kind"):
         AnnParams("lsh")
 

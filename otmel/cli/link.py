@@ -20,8 +20,8 @@ def _ann_args(p: argparse.ArgumentParser, build: bool) -> None:
     g = p.add_argument_group("first-stage index (see docs/linking.md)")
     if build:
         g.add_argument("--ann", choices=["auto", "exact", "hnsw", "ivfpq"], default=None,
-                       help="first-stage search (default auto: exact below 250,000 entities, else ivfpq; "
-                       "docs/linking.md)")
+                       help="first-stage search (default auto: exact below 250,000 entities, hnsw below "
+                       "2,000,000, else ivfpq; docs/linking.md)")
         g.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree M")
         g.add_argument("--ef-construction", type=int, default=40, help="HNSW build beam")
         g.add_argument("--nlist", type=int, default=0, help="IVF lists (0: ~4 sqrt(n))")

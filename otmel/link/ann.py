@@ -34,10 +34,12 @@ import numpy as np
 import torch
 
 ANN_KINDS = ("exact", "hnsw", "ivfpq")
-# `auto` (the default of `otmel index`): exact below this many entities, AUTO_LARGE at or above it. Chosen from
-# bench/index.py (docs/linking.md, "Choosing exact, HNSW or IVF-PQ").
+# `auto` (the default of `otmel index`): exact below AUTO_EXACT_BELOW entities (its scan then costs about what the
+# re-rank of K = 128 does: ~12 ms per mention at 250k, 49 ms at 1M), HNSW below AUTO_HNSW_BELOW (fastest, but it
+# keeps the vectors: ~1.25 GB in RAM per million), IVF-PQ above (100 MB per million). Figures: bench/index.py,
+# docs/linking.md "Choosing exact, HNSW or IVF-PQ".
 AUTO_EXACT_BELOW = 250_000
-AUTO_LARGE = "ivfpq"
+AUTO_HNSW_BELOW = 2_000_000
 SEARCH_KEYS = ("ef_search", "nprobe", "refine")
 
 
@@ -83,7 +85,8 @@ class AnnParams:
         """`auto` made concrete for a KG of n entities (exact below AUTO_EXACT_BELOW)."""
         if self.kind != "auto":
             return self
-        return replace(self, kind="exact" if n < AUTO_EXACT_BELOW else AUTO_LARGE)
+        kind = "exact" if n < AUTO_EXACT_BELOW else "hnsw" if n < AUTO_HNSW_BELOW else "ivfpq"
+        return replace(self, kind=kind)
 
     def with_search(self, **overrides: Any) -> AnnParams:
         bad = [k for k, v in overrides.items() if v is not None and k not in SEARCH_KEYS]

@@ -171,10 +171,10 @@ def build_index(
 ) -> EntityIndex:
     """Encode every entity of the packed KG `kg` with `checkpoint` (one task per KG shard: Ray actors when
     `workers` > 0, this process when 0), build the first-stage index `ann` (default `auto`: exact below
-    `AUTO_EXACT_BELOW` entities, else IVF-PQ) and write the index folder `out` (replaced atomically: built under a
-    temporary name, then renamed). `store_dtype`: the re-rank records on disk; `vector_dtype`: the first-stage
-    vectors (float16 halves them; exact search then converts). Without `out` the index lives in a temporary
-    folder removed when the returned object is garbage-collected."""
+    `AUTO_EXACT_BELOW` entities, HNSW up to `AUTO_HNSW_BELOW`, then IVF-PQ) and write the index folder `out`
+    (replaced atomically: built under a temporary name, then renamed). `store_dtype`: the re-rank records on
+    disk; `vector_dtype`: the first-stage vectors (float16 halves them; exact search then converts). Without
+    `out` the index lives in a temporary folder removed when the returned object is garbage-collected."""
     t0 = time.perf_counter()
     params = ann or AnnParams("auto")
     loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint_model(checkpoint)
