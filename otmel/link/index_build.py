@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import default_collate
 
@@ -234,10 +233,3 @@ def _share(folder: Path) -> None:
     for p in folder.rglob("*"):
         p.chmod(0o755 if p.is_dir() else 0o644)
 
-
-def kg_rows(kg: str | Path) -> int:
-    return sum(s.samples for s in shard_infos(Path(kg), KG))
-
-
-def np_rows(x: Any) -> np.ndarray:
-    return np.asarray(x, dtype=np.int64)
