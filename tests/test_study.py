@@ -133,3 +133,10 @@ def test_seeds_accumulate_and_report_writes_the_tables(tmp_path: Path, monkeypat
     assert main(["study", "--name", "nope", "--report", "-", *ov]) == 2
     assert "no study at" in capsys.readouterr().err
     assert main(["study", "--name", "q", *ov]) == 2  # running needs --variants
+
+
+def test_summary_header_counts_the_whole_grid_when_resumed_with_a_seed_subset() -> None:
+    rows = [{"variant": v, "seed": s, "status": "done", "metrics": {"test/MRR": 0.8, "test/H@1": 0.7}}
+            for v in ("OT", "A1") for s in range(4)][:-1]  # A1 seed 3 missing
+    text = study_markdown(rows, ["OT", "A1"], [], {"name": "x", "seeds": [2, 3]})
+    assert "seeds [0, 1, 2, 3]; 7 of 8 trials finished." in text

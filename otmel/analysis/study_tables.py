@@ -103,10 +103,12 @@ def plans_table(rows: list[dict[str, Any]], variants: list[str]) -> str:
 
 def study_markdown(rows: list[dict[str, Any]], variants: list[str], pairs: list[tuple[str, str]],
                    meta: dict[str, Any]) -> str:
-    done = sum(r.get("status") == "done" for r in rows)
+    seeds = sorted({*meta.get("seeds", []), *(int(r["seed"]) for r in rows if "seed" in r)})
+    done = len({(r["variant"], int(r["seed"])) for r in rows
+                if r.get("status") == "done" and r.get("variant") in variants})
     head = (f"# Study {meta.get('name', '')}\n\nconfig `{meta.get('config')}`, overrides "
-            f"`{' '.join(meta.get('overrides', [])) or '(none)'}`, seeds {meta.get('seeds')}; "
-            f"{done} of {len(variants) * len(meta.get('seeds', []))} trials finished.\n"
+            f"`{' '.join(meta.get('overrides', [])) or '(none)'}`, seeds {seeds}; "
+            f"{done} of {len(variants) * len(seeds)} trials finished.\n"
             "Metrics in %, mean ± 95% t-interval half-width over seeds; differences are paired by seed and called "
             "only when their 95% interval excludes zero.\n")
     parts = [head, model_table(rows, variants), "", paired_table(rows, pairs)]
