@@ -68,6 +68,9 @@ class TrainConfig:
     gather_with_grad: bool = True  # global pool exactly equivalent to one big batch (see distributed.py)
     strategy: Literal["deepspeed", "ddp"] = "deepspeed"
     deepspeed_config: str = "configs/deepspeed/zero1.json"
+    # CPU only: DeepSpeed's JIT-built shared-memory all-reduce. Off: gloo, no compiler, no build lock that a
+    # killed worker can leave behind (otmel/train/worker/ds_ops.py); on: loaded under an flock, stale lock cleared.
+    deepspeed_shm: bool = False
     grad_clip: float = 1.0
     eval_every: int = 1  # validate every N epochs (and after the last)
     eval_batch_size: int = 64

@@ -79,8 +79,13 @@ def test_ray_job_submit_against_a_local_head(shards: Path, tmp_path: Path) -> No
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_train_deepspeed_two_workers_writes_results_and_safe_checkpoints(shards: Path, tmp_path: Path,
-                                                                          ray_session: None) -> None:
+def test_train_deepspeed_two_workers_writes_results_and_safe_checkpoints(
+        shards: Path, tmp_path: Path, ray_session: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a build lock left by a killed process where the workers' torch extensions live: DeepSpeed's CPU shm op
+    # would wait on it forever; by default otmel does not use that op (otmel/train/worker/ds_ops.py)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    (tmp_path / "ext" / "deepspeed_shm_comm").mkdir(parents=True)
+    (tmp_path / "ext" / "deepspeed_shm_comm" / "lock").touch()
     res = train_main(str(ROOT / "configs/synth.yaml"), _overrides(shards, tmp_path, "ds"))
     m = res["metrics"]
     for split in ("dev", "test"):

@@ -68,6 +68,10 @@ class Engine:
         if self.strategy == "deepspeed":
             import deepspeed
 
+            if not use_gpu:
+                from otmel.train.worker.ds_ops import prepare_cpu_comm
+
+                prepare_cpu_comm(train.deepspeed_shm)
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=optimizer, config=self.ds_config
             )
