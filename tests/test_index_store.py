@@ -177,6 +177,16 @@ def test_add_remove_compact_reload_change_the_answers(ckpt: Path, kg: Path, extr
         assert row[0] == next(q for q in old if q not in top1) or old[1] in top1
     for row in _top(linker, m, mode="two-stage"):
         assert not set(row) & set(top1)
+    # more candidates than live rows: every live row comes back once, the removed ones never (they are -1, not a
+    # very negative score: np.nan_to_num once turned their -inf into -3.4e38 and they were re-ranked back in)
+    from otmel.model.first_stage import mention_queries
+
+    _, rows = linker.index.search(mention_queries(linker.model, m, "summary"), 400)
+    assert ((rows >= 0).sum(1) == len(linker.index)).all()
+    dead_rows = set(linker.index.dead.tolist())
+    assert not dead_rows & set(rows[rows >= 0].tolist())
+    for row in [[h.qid for h in hits] for hits in linker.rank(m, k=5, mode="two-stage", candidates=400)]:
+        assert not set(row) & set(top1)
     with pytest.raises(KeyError, match="not in the index"):
         remove_from_index(path, [top1[0]])
     with pytest.raises(ValueError, match="removed entities"):

@@ -253,7 +253,7 @@ def _merge(s1: np.ndarray, r1: np.ndarray, s2: np.ndarray, r2: np.ndarray, k: in
     tied with the k-th is considered, so the result does not depend on the order candidates came in)."""
     r2 = np.broadcast_to(r2, s2.shape)
     s, r = np.concatenate([s1, s2], 1), np.concatenate([r1, r2], 1)
-    s = np.nan_to_num(np.where(r < 0, -np.inf, s), nan=-np.inf)
+    s = np.where((r < 0) | np.isnan(s), -np.inf, s)  # (np.nan_to_num would turn -inf into a finite float)
     kk = min(k, s.shape[1])
     out_s, out_r = np.empty((len(s), kk), np.float32), np.empty((len(s), kk), np.int64)
     kth = (torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32)).topk(kk, dim=1).values[:, -1].numpy()
