@@ -84,7 +84,7 @@ def _k8s() -> dict[str, dict[str, Any]]:
 
 def test_kuberay_manifests_parse_and_share_one_cluster_spec() -> None:
     docs = _k8s()
-    assert set(docs) == {"RayCluster", "RayJob"}
+    assert set(docs) == {"RayCluster", "RayJob", "RayService"}
     for d in docs.values():
         assert d["apiVersion"] == "ray.io/v1" and d["metadata"]["name"]
     cluster, job = docs["RayCluster"]["spec"], docs["RayJob"]["spec"]
@@ -116,3 +116,46 @@ def test_docs_and_launcher_name_the_same_entry_point() -> None:
                 "kubectl apply -f cluster/kuberay-rayjob.yaml"):
         assert cmd in doc
     assert ENTRY in (CLUSTER / "aws.yaml").read_text()
+
+
+def _serve_config(text: str) -> Any:
+    from ray.serve.schema import ServeDeploySchema
+
+    return ServeDeploySchema.model_validate(yaml.safe_load(text))
+
+
+def test_serve_config_validates_and_builds_the_otmel_app() -> None:
+    """configs/serve/otmel.yaml passes Serve's own schema, its import path is our builder, its args build the app
+    (no replica starts: binding only), and a misspelled key fails the schema."""
+    import importlib
+
+    from ray.serve.deployment import Application
+
+    text = (ROOT / "configs/serve/otmel.yaml").read_text()
+    cfg = _serve_config(text)
+    (app,) = cfg.applications
+    module, attr = app.import_path.split(":")
+    builder = getattr(importlib.import_module(module), attr)
+    assert builder.__module__ == "otmel.serve.app" and app.route_prefix == "/"
+    assert cfg.http_options.host == "127.0.0.1"  # loopback unless a deployment says otherwise
+    assert isinstance(builder(app.args), Application)
+    with pytest.raises(ValueError, match="checkpoint"):
+        builder({"index": "x"})
+    broken = yaml.safe_load(text)
+    broken["applications"][0]["import_pth"] = broken["applications"][0].pop("import_path")
+    with pytest.raises(Exception, match="import_pth|import_path"):
+        _serve_config(yaml.safe_dump(broken))
+
+
+def test_kuberay_rayservice_serves_the_same_application() -> None:
+    svc = _k8s()["RayService"]["spec"]
+    local = yaml.safe_load((ROOT / "configs/serve/otmel.yaml").read_text())
+    embedded = yaml.safe_load(svc["serveConfigV2"])
+    _serve_config(svc["serveConfigV2"])
+    assert embedded["applications"] == local["applications"]
+    assert embedded["http_options"]["host"] == "0.0.0.0"  # in the pod, behind KubeRay's Service
+    cluster = svc["rayClusterConfig"]
+    assert cluster["rayVersion"] == _k8s()["RayCluster"]["spec"]["rayVersion"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # replicas run on the workers
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["minReplicas"] >= 1 and group["maxReplicas"] >= group["minReplicas"]

@@ -1,8 +1,8 @@
 """The `otmel` console script. Every subcommand is parsed in this package and calls the library; nothing else
 in `otmel/` parses arguments.
 
-Each subcommand has one `_cmd_NAME(sub)` function (in `data.py`, `train.py`, `link.py` or `analysis.py`) that adds
-its parser and sets `func` to its handler; `main` is the entry point (`otmel = "otmel.cli:main"`,
+Each subcommand has one `_cmd_NAME(sub)` function (in `data.py`, `train.py`, `link.py`, `serve.py`, `analysis.py`)
+that adds its parser and sets `func` to its handler; `main` is the entry point (`otmel = "otmel.cli:main"`,
 `python -m otmel.cli`).
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import yaml
 
 from otmel import __version__
-from otmel.cli import analysis, data, link, train
+from otmel.cli import analysis, data, link, serve, train
 from otmel.cli.common import fail
 from otmel.errors import UserError
 
@@ -25,7 +25,7 @@ from otmel.errors import UserError
 USER_ERRORS = (UserError, OSError, json.JSONDecodeError, yaml.YAMLError, ValueError, KeyError)
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [*data.COMMANDS, *train.COMMANDS, *link.COMMANDS,
-                                                                    *analysis.COMMANDS]
+                                                                    *serve.COMMANDS, *analysis.COMMANDS]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ retrieves ``candidates`` entities by the cheap first-stage score and re-ranks th
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,17 @@ class LinkInputError(ValueError):
 
 class MentionNotInTextWarning(UserWarning):
     """The mention's surface form does not occur in its text (it is linked anyway)."""
+
+
+@dataclass(frozen=True)
+class LinkQuery:
+    """One mention to link (`Linker.link_batch`): the arguments of `Linker.link`."""
+
+    text: str
+    mention: str
+    image: ImageInput = None
+    k: int = 10
+    mode: str | None = None  # None: the linker's default
 
 
 @dataclass
@@ -163,6 +175,36 @@ class Linker:
         m = self.encode(self.mention_batch(text, mention, image))
         return self.rank(m, k=k, mode=mode, candidates=candidates)[0]
 
+    def link_batch(self, queries: Sequence[LinkQuery]) -> list[list[LinkedEntity] | LinkInputError]:
+        """Many mentions at once: one encoder forward for all of them, one `rank` per mode. Each answer is its
+        top-k list or the `LinkInputError` that query alone raised (the others are still answered)."""
+        out: list[list[LinkedEntity] | LinkInputError] = []
+        good: list[int] = []
+        inputs: list[dict[str, torch.Tensor]] = []
+        for i, q in enumerate(queries):
+            try:
+                if q.mode is not None:
+                    self._options(q.mode, self.candidates, self.first_stage)
+                if q.k < 1:
+                    raise LinkInputError(f"k must be >= 1, got {q.k}")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", MentionNotInTextWarning)
+                    inputs.append(self.mention_batch(q.text, q.mention, q.image))
+                good.append(i)
+                out.append([])
+            except LinkInputError as exc:
+                out.append(exc)
+        if not good:
+            return out
+        m = self.encode({k: torch.cat([b[k] for b in inputs]) for k in inputs[0]})
+        for mode in {queries[i].mode or self.mode for i in good}:
+            pos = [j for j, i in enumerate(good) if (queries[i].mode or self.mode) == mode]
+            k = max(queries[good[j]].k for j in pos)
+            ranked = self.rank(m.select(torch.tensor(pos)), k=k, mode=mode)
+            for j, hits in zip(pos, ranked, strict=True):
+                out[good[j]] = hits[: queries[good[j]].k]  # a prefix of a stable top-k is the smaller top-k
+        return out
+
     @torch.no_grad()
     def rank(self, m: MentionFeatures, *, k: int = 10, mode: str | None = None, candidates: int | None = None,
              **search: int | None) -> list[list[LinkedEntity]]:
@@ -186,7 +228,7 @@ class Linker:
             picked = {t: sc[t].gather(1, pos) for t in SCORE_TERMS if t in sc}
             valid = sc["V_valid"].gather(1, pos) if "V_valid" in sc else None
             first_s = cheap[i][ok][order].unsqueeze(0).gather(1, pos.cpu())
-            out.append(self._hits(0, rows.unsqueeze(0).gather(1, pos.cpu()), picked, valid, first_s))
+            out.append(self._hits(index, 0, rows.unsqueeze(0).gather(1, pos.cpu()), picked, valid, first_s))
         return out
 
     def _exhaustive(self, index: EntityIndex, m: MentionFeatures, k: int, chunk: int = 4096
@@ -206,16 +248,16 @@ class Linker:
             best = {t: v.gather(1, pos) for t, v in sc.items()}
         picked = {t: best[t] for t in SCORE_TERMS if t in best}
         valid = best.get("V_valid")
-        return [self._hits(i, best["row"], picked, valid, None) for i in range(len(m))]
+        return [self._hits(index, i, best["row"], picked, valid, None) for i in range(len(m))]
 
-    def _hits(self, i: int, rows: torch.Tensor, picked: dict[str, torch.Tensor], valid: torch.Tensor | None,
-              cheap: torch.Tensor | None) -> list[LinkedEntity]:
+    def _hits(self, index: EntityIndex, i: int, rows: torch.Tensor, picked: dict[str, torch.Tensor],
+              valid: torch.Tensor | None, cheap: torch.Tensor | None) -> list[LinkedEntity]:
         out = []
         for j, row in enumerate(rows[i].tolist()):
             terms = {t: float(v[i, j]) for t, v in picked.items()}
             if "S_V" in terms and valid is not None and not bool(valid[i, j]):
                 terms["S_V"] = None  # type: ignore[assignment]
-            out.append(LinkedEntity(rank=j + 1, row=row, qid=self.index.qid(row), name=self.index.name(row),
+            out.append(LinkedEntity(rank=j + 1, row=row, qid=index.qid(row), name=index.name(row),
                                     first_stage=None if cheap is None else float(cheap[i, j]), **terms))
         return out
 

@@ -1,0 +1,53 @@
+"""`otmel serve`: the linking service on Ray Serve (otmel/serve/)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _cmd_serve(sub: argparse._SubParsersAction) -> None:
+    from otmel.serve.requests import Limits
+
+    d = Limits()
+    p = sub.add_parser(
+        "serve",
+        help="serve a checkpoint + index over HTTP on Ray Serve (POST /link, /link/batch; GET /healthz, /info)",
+        description="Deploy the linking service on Ray Serve (a local Ray on loopback by default, --address for a "
+        "cluster) and stay in the foreground until Ctrl-C. Concurrent requests are batched per replica. The HTTP "
+        "proxy listens on --host (127.0.0.1 unless you say otherwise). API and limits: docs/linking.md.",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    p.add_argument("--index", required=True, help="an `otmel index` folder built with that checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="address of the HTTP proxy (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs per replica (its torch threads)")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a replica waits to fill a batch")
+    p.add_argument("--mode", choices=["two-stage", "exhaustive"], default="two-stage", help="default mode")
+    p.add_argument("--candidates", type=int, default=128, help="first-stage candidates re-ranked (two-stage)")
+    p.add_argument("--watch-index-s", type=float, default=2.0,
+                   help="each replica re-reads the index manifest at most this often (0: only on /admin/reload)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
+    g = p.add_argument_group("request limits (4xx beyond them)")
+    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    g.add_argument("--max-batch-items", type=int, default=d.max_batch_items)
+    g.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
+    g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from otmel.serve.requests import Limits
+    from otmel.serve.run import ServeOptions, serve_forever
+
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_batch_items=args.max_batch_items,
+                    max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels)
+    return serve_forever(ServeOptions(
+        checkpoint=args.checkpoint, index=args.index, host=args.host, port=args.port, replicas=args.replicas,
+        replica_cpus=args.replica_cpus, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+        mode=args.mode, candidates=args.candidates, watch_index_s=args.watch_index_s, address=args.address,
+        limits=limits))
+
+
+COMMANDS = [_cmd_serve]

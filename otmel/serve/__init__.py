@@ -1,0 +1,1 @@
+"""The linking service on Ray Serve: request rules (`requests`), the deployment (`app`), `otmel serve` (`run`)."""

@@ -1,0 +1,272 @@
+"""The linking service on a real local Ray Serve, over real HTTP on loopback (marked slow; run in CI).
+
+One service for the module: 2 replicas (0.5 CPU each), batches of up to 8, a copy of the tiny test index (the
+reload test changes it), small body / image limits so that the limit tests stay small.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from otmel.link import Linker
+from otmel.link.evaluate import read_split
+from otmel.link.index_update import remove_from_index
+from otmel.serve.app import ENTITY_KEYS, is_loopback
+from otmel.serve.requests import Limits
+from tests.test_link import ckpt, index_dir, kg  # noqa: F401  (session fixtures)
+from tests.test_serve_requests import png_bomb
+
+pytestmark = pytest.mark.slow
+LIMITS = Limits(max_body_bytes=200_000, max_image_bytes=100_000, max_image_pixels=1_000_000, max_batch_items=32)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def call(url: str, path: str, body: Any = None, *, raw: bytes | None = None, method: str | None = None,
+         timeout: float = 60) -> tuple[int, Any]:
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url + path, data=data, method=method or ("POST" if data is not None else "GET"),
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        text = e.read()
+        try:
+            return e.code, json.loads(text)
+        except ValueError:
+            return e.code, text.decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def served(ckpt: Path, index_dir: Path, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
+           ) -> Iterator[dict[str, Any]]:
+    from otmel.serve.run import ServeOptions, deploy, shutdown
+
+    index = tmp_path_factory.mktemp("serve") / "index"
+    shutil.copytree(index_dir, index)
+    opts = ServeOptions(checkpoint=str(ckpt), index=str(index), port=_free_port(), replicas=2, replica_cpus=0.5,
+                        max_batch_size=8, batch_wait_ms=10, watch_index_s=0.5, limits=LIMITS)
+    url = deploy(opts)
+    try:
+        yield {"url": url, "index": index, "ckpt": ckpt}
+    finally:
+        shutdown()
+
+
+@pytest.fixture(scope="module")
+def queries(kg: Path, ckpt: Path, index_dir: Path) -> list[dict[str, Any]]:  # noqa: F811
+    linker = Linker.from_checkpoint(ckpt, index_dir)
+    _, metas = read_split(kg, "test", linker.pre)
+    return [{"text": m["sentence"], "mention": m["mention"]} for m in metas[:6]]
+
+
+def _png_b64(w: int = 24, h: int = 24) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (10, 120, 200)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_served_results_equal_linker_link(served: dict[str, Any], queries: list[dict[str, Any]]) -> None:
+    linker = Linker.from_checkpoint(served["ckpt"], served["index"])
+    image = _png_b64()
+    for i, q in enumerate(queries):
+        mode = ("two-stage", "exhaustive")[i % 2]
+        body = {**q, "k": 5, "mode": mode, "image": image if i < 2 else None}
+        status, out = call(served["url"], "/link", body)
+        assert status == 200, out
+        assert set(out) == {"entities", "mode", "elapsed_ms"} and out["mode"] == mode and out["elapsed_ms"] > 0
+        want = linker.link(q["text"], q["mention"], base64.b64decode(image) if i < 2 else None, k=5, mode=mode)
+        assert [e["qid"] for e in out["entities"]] == [e.qid for e in want]
+        for got, w in zip(out["entities"], want, strict=True):
+            assert set(got) == set(ENTITY_KEYS) and got["rank"] == w.rank and got["name"] == w.name
+            for t in ("S_O", "S_F", "S_T", "S_V"):
+                assert (got[t] is None) == (getattr(w, t) is None)
+                if got[t] is not None:
+                    assert got[t] == pytest.approx(getattr(w, t), abs=1e-5)
+
+
+def test_health_info_and_batching(served: dict[str, Any], queries: list[dict[str, Any]]) -> None:
+    assert call(served["url"], "/healthz") == (200, {"status": "ok", "generation": 1})
+    status, info = call(served["url"], "/info")
+    assert status == 200 and info["index"]["ann"] == "exact" and info["index"]["entities"] > 50
+    assert info["checkpoint"]["sha256"] and info["limits"]["max_body_bytes"] == LIMITS.max_body_bytes
+    results: list[int] = []
+
+    def client(q: dict[str, Any]) -> None:
+        for _ in range(4):
+            results.append(call(served["url"], "/link", {**q, "k": 3})[0])
+
+    threads = [threading.Thread(target=client, args=(queries[i % len(queries)],)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 64
+    sizes = [s for _ in range(8) for s in call(served["url"], "/info")[1]["recent_batch_sizes"]]
+    assert max(sizes) > 1  # concurrent requests shared a forward pass
+
+
+BAD: list[tuple[str, Any, int, str]] = [
+    ("invalid-json", b'{"text": "x", ', 400, "body"),
+    ("not-an-object", [1, 2], 400, "body"),
+    ("missing-text", {"mention": "Ada"}, 400, "text"),
+    ("empty-mention", {"text": "Ada wrote", "mention": ""}, 400, "mention"),
+    ("long-text", {"text": "x" * 10_001, "mention": "x"}, 400, "text"),
+    ("long-mention", {"text": "Ada", "mention": "A" * 501}, 400, "mention"),
+    ("k-zero", {"text": "Ada", "mention": "Ada", "k": 0}, 400, "k"),
+    ("k-too-big", {"text": "Ada", "mention": "Ada", "k": 101}, 400, "k"),
+    ("k-not-int", {"text": "Ada", "mention": "Ada", "k": "5"}, 400, "k"),
+    ("unknown-mode", {"text": "Ada", "mention": "Ada", "mode": "fast"}, 400, "mode"),
+    ("unknown-field", {"text": "Ada", "mention": "Ada", "img": None}, 400, "img"),
+    ("image-not-base64", {"text": "Ada", "mention": "Ada", "image": "%%%"}, 400, "image"),
+    ("image-not-an-image", {"text": "Ada", "mention": "Ada", "image": base64.b64encode(b"hello").decode()}, 400,
+     "image"),
+    ("image-too-many-bytes", {"text": "Ada", "mention": "Ada",
+                              "image": base64.b64encode(os.urandom(120_000)).decode()}, 413, "image"),
+    ("decompression-bomb", {"text": "Ada", "mention": "Ada",
+                            "image": base64.b64encode(png_bomb(20_000, 20_000)).decode()}, 413, "image"),
+    ("body-too-big", {"text": "Ada " * 60_000, "mention": "Ada"}, 413, "body"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "status", "field"), BAD, ids=[b[0] for b in BAD])
+def test_every_bad_request_gets_its_4xx_and_the_next_good_one_answers(
+        served: dict[str, Any], queries: list[dict[str, Any]], case: str, body: Any, status: int, field: str) -> None:
+    raw = body if isinstance(body, bytes) else None
+    got, out = call(served["url"], "/link", None if raw else body, raw=raw)
+    assert got == status, (case, out)
+    assert out["error"]["field"] == field and out["error"]["rule"]
+    if isinstance(body, dict) and isinstance(body.get("text"), str) and len(body["text"]) > 100:
+        assert body["text"][:100] not in json.dumps(out)  # nothing the client sent is reflected
+    assert call(served["url"], "/link", {**queries[0], "k": 2})[0] == 200
+
+
+def test_wrong_method_and_unknown_route_are_4xx(served: dict[str, Any]) -> None:
+    assert call(served["url"], "/link", method="GET")[0] == 405
+    assert call(served["url"], "/nope")[0] == 404
+    assert call(served["url"], "/admin/reload", method="GET")[0] == 405
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and not is_loopback("192.0.2.7") and not is_loopback(None)
+
+
+def test_a_batch_mixing_good_and_bad_items(served: dict[str, Any], queries: list[dict[str, Any]]) -> None:
+    items = [{**queries[0], "k": 3}, {"text": "x", "mention": "x", "k": 0}, {**queries[1], "k": 2},
+             {"text": "Ada", "mention": "Ada", "image": "!!"}, {**queries[2], "mode": "exhaustive"}]
+    status, out = call(served["url"], "/link/batch", items)
+    assert status == 200 and len(out) == 5
+    assert [len(o["entities"]) if "entities" in o else None for o in out] == [3, None, 2, None, 10]
+    assert out[1]["error"]["field"] == "items[1].k" and out[3]["error"]["field"] == "items[3].image"
+    single = call(served["url"], "/link", {**queries[1], "k": 2})[1]
+    assert [e["qid"] for e in out[2]["entities"]] == [e["qid"] for e in single["entities"]]
+    assert call(served["url"], "/link/batch", [items[0]] * 33)[0] == 413
+    assert call(served["url"], "/link/batch", [])[0] == 400
+
+
+def _replicas() -> list[str]:
+    """The live replicas' actor names (GCS's named-actor table: no dashboard needed)."""
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::otmel#LinkService#"))
+
+
+def test_a_killed_replica_is_replaced_and_at_most_one_percent_fails(served: dict[str, Any],
+                                                                    queries: list[dict[str, Any]]) -> None:
+    import ray
+
+    before = _replicas()
+    assert len(before) == 2
+    outcomes: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(Exception):
+                outcomes.append((time.monotonic(), call(served["url"], "/link", {**queries[i % 6], "k": 3},
+                                                        timeout=30)[0]))
+                continue
+            outcomes.append((time.monotonic(), -1))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=False)
+    killed_at = time.monotonic()
+    deadline = killed_at + 90
+    while time.monotonic() < deadline:  # Serve starts a new replica
+        now = _replicas()
+        if len(now) == 2 and before[0] not in now:
+            break
+        time.sleep(0.5)
+    recovered_at = time.monotonic()
+    time.sleep(3)
+    stop.set()
+    for t in threads:
+        t.join()
+    now = _replicas()
+    assert len(now) == 2 and before[0] not in now, now
+    failed = [s for _, s in outcomes if s != 200]
+    assert len(failed) <= 0.01 * len(outcomes), (len(failed), len(outcomes), failed[:10])
+    after = [s for at, s in outcomes if at > recovered_at + 1.0]
+    assert after and all(s == 200 for s in after)
+
+
+def test_a_reload_changes_the_answers(served: dict[str, Any], queries: list[dict[str, Any]]) -> None:
+    q = {**queries[3], "k": 5}
+    top = call(served["url"], "/link", q)[1]["entities"][0]["qid"]
+    remove_from_index(served["index"], [top])
+    status, out = call(served["url"], "/admin/reload", {})
+    assert status == 200 and out["generation"] == out["generation_before"] + 1
+    time.sleep(1.5)  # the other replica follows within watch_index_s = 0.5 s (checked between batches)
+    for _ in range(8):
+        got = call(served["url"], "/link", q)[1]["entities"]
+        assert top not in [e["qid"] for e in got] and len(got) == 5
+    assert call(served["url"], "/admin/reload", {})[1]["reloaded"] is False
+
+
+def test_otmel_serve_command_runs_in_the_foreground_and_stops_on_ctrl_c(ckpt: Path, index_dir: Path,  # noqa: F811
+                                                                        queries: list[dict[str, Any]]) -> None:
+    port = _free_port()
+    exe = Path(sys.executable).parent / "otmel"
+    proc = subprocess.Popen([str(exe), "serve", "--checkpoint", str(ckpt), "--index", str(index_dir),
+                             "--port", str(port), "--replica-cpus", "0.5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        assert f"http://127.0.0.1:{port}" in line, (line, proc.poll())
+        status, out = call(f"http://127.0.0.1:{port}", "/link", {**queries[0], "k": 2})
+        assert status == 200 and len(out["entities"]) == 2
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=90)
+        assert rc == 0
+        assert "shutting down" in (proc.stderr.read() if proc.stderr else "")
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
