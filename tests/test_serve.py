@@ -270,3 +270,20 @@ def test_otmel_serve_command_runs_in_the_foreground_and_stops_on_ctrl_c(ckpt: Pa
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_no_request_body_or_image_reaches_the_logs(served: dict[str, Any], queries: list[dict[str, Any]]) -> None:
+    import ray
+
+    marker = f"MARKER{os.getpid()}Q{time.time_ns()}"
+    image = base64.b64encode(marker.encode() * 4).decode()  # not an image: answered 400, the value never echoed
+    assert call(served["url"], "/link", {"text": f"{marker} met Ada", "mention": "Ada"})[0] == 200
+    status, out = call(served["url"], "/link", {"text": "Ada", "mention": "Ada", "image": image})
+    assert status == 400 and marker not in json.dumps(out) and image[:40] not in json.dumps(out)
+    call(served["url"], "/link", raw=f'{{"text": "{marker}", '.encode())  # invalid JSON
+    time.sleep(2)  # let the replicas' and the proxy's log lines reach their files
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    seen = [p.name for p in logs.rglob("*") if p.is_file() and (marker.encode() in p.read_bytes()
+                                                               or image[:40].encode() in p.read_bytes())]
+    assert not seen, seen
+    assert sum(1 for p in logs.rglob("*serve*") if p.is_file()) > 0  # (the logs exist and were searched)
