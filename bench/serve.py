@@ -64,6 +64,7 @@ def pct(xs: list[float], q: float) -> float:
 
 def in_process(ckpt: str, index: str, ms: list[dict[str, Any]], batch: int = 16, threads: int = 2) -> dict[str, Any]:
     import faiss
+    import psutil
     import torch
 
     from otmel.link import Linker
@@ -72,10 +73,14 @@ def in_process(ckpt: str, index: str, ms: list[dict[str, Any]], batch: int = 16,
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     linker = Linker.from_checkpoint(ckpt, index)
+    me = psutil.Process()
     qs = [LinkQuery(m["text"], m["mention"], m["image"], k=10) for m in ms]
     answers: list[Any] = []
     t_all = []
+    cpu0 = 0.0
     for p in range(4):
+        if p == 1:
+            cpu0 = sum(me.cpu_times()[:2])
         t0 = time.perf_counter()
         got = []
         for s in range(0, len(qs), batch):
@@ -84,7 +89,8 @@ def in_process(ckpt: str, index: str, ms: list[dict[str, Any]], batch: int = 16,
             answers = got
         else:
             t_all.append(time.perf_counter() - t0)
-    return {"throughput": len(qs) * len(t_all) / sum(t_all), "batch": batch, "threads": threads,
+    cpu_ms = 1e3 * (sum(me.cpu_times()[:2]) - cpu0) / (len(qs) * len(t_all))
+    return {"throughput": len(qs) * len(t_all) / sum(t_all), "batch": batch, "threads": threads, "cpu_ms": cpu_ms,
             "top1": [a[0].qid for a in answers]}
 
 
@@ -125,6 +131,30 @@ async def load_level(url: str, bodies: list[bytes], clients: int) -> dict[str, A
             "throughput": (len(lat) - failed) / wall, "p50_ms": 1e3 * pct(lat, 50), "p99_ms": 1e3 * pct(lat, 99)}
 
 
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) so far of this process (the clients), Serve's proxy, the replicas and the rest
+    of Ray (controller, raylet, GCS, ...), from /proc via psutil."""
+    import psutil
+
+    out = {"clients": 0.0, "proxy": 0.0, "replicas": 0.0, "ray_other": 0.0}
+    me = os.getpid()
+    for p in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        t = p.info["cpu_times"]
+        if t is None:
+            continue
+        sec = t.user + t.system
+        if p.info["pid"] == me:
+            out["clients"] += sec
+        elif "ServeReplica" in cmd:
+            out["replicas"] += sec
+        elif "ProxyActor" in cmd:
+            out["proxy"] += sec
+        elif "ray" in cmd and ("/ray/" in cmd or cmd.startswith("ray::")):
+            out["ray_other"] += sec
+    return out
+
+
 def served(ckpt: str, index: str, ms: list[dict[str, Any]], cfg: dict[str, Any], port: int) -> dict[str, Any]:
     import urllib.request
 
@@ -140,7 +170,14 @@ def served(ckpt: str, index: str, ms: list[dict[str, Any]], cfg: dict[str, Any],
             req = urllib.request.Request(url + "/link", data=b, headers={"content-type": "application/json"})
             with urllib.request.urlopen(req, timeout=60) as r:
                 top1.append(json.loads(r.read())["entities"][0]["qid"])
-        levels = [asyncio.run(load_level(url, bodies, c)) for c in LEVELS]
+        levels = []
+        for c in LEVELS:
+            before = cpu_seconds()
+            lv = asyncio.run(load_level(url, bodies, c))
+            after = cpu_seconds()
+            answered = max(1, lv["requests"] - lv["failed"])  # CPU ms per answered request, by process role
+            lv["cpu_ms_per_request"] = {k: 1e3 * (after.get(k, 0.0) - before.get(k, 0.0)) / answered for k in after}
+            levels.append(lv)
         return {**cfg, "levels": levels, "top1": top1}
     finally:
         shutdown()
@@ -154,14 +191,15 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=256)
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--configs", default="0,1", help="which service layouts of CONFIGS to run (e.g. 0)")
     args = ap.parse_args()
     ms = load_mentions(Path(args.mentions), args.limit)
     base = in_process(args.checkpoint, args.index, ms)
-    print(f"in process: {base['throughput']:.1f} mentions/s (batches of {base['batch']}, {base['threads']} threads)",
-          flush=True)
+    print(f"in process: {base['throughput']:.1f} mentions/s (batches of {base['batch']}, {base['threads']} threads), "
+          f"{base['cpu_ms']:.1f} CPU ms per mention", flush=True)
     result: dict[str, Any] = {"checkpoint": args.checkpoint, "index": args.index, "mentions": len(ms),
                               "in_process": base, "service": []}
-    for cfg in CONFIGS:
+    for cfg in [CONFIGS[int(i)] for i in args.configs.split(",")]:
         s = served(args.checkpoint, args.index, ms, cfg, args.port)
         s["top1_agreement"] = float(np.mean([a == b for a, b in zip(s.pop("top1"), base["top1"], strict=True)]))
         result["service"].append(s)
@@ -169,7 +207,8 @@ def main() -> None:
             print(f"{cfg['replicas']} x {cfg['replica_cpus']:g} CPU | {lv['clients']:>2} clients: "
                   f"{lv['throughput']:.1f}/s ({lv['throughput'] / base['throughput']:.2f}x in process), "
                   f"p50 {lv['p50_ms']:.1f} ms, p99 {lv['p99_ms']:.1f} ms (p99/p50 {lv['p99_ms'] / lv['p50_ms']:.1f}), "
-                  f"{lv['failed']} failed of {lv['requests']}", flush=True)
+                  f"{lv['failed']} failed of {lv['requests']}; CPU ms/request "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in lv["cpu_ms_per_request"].items()), flush=True)
         atomic_json(Path(args.out), {**result, "in_process": {k: v for k, v in base.items() if k != "top1"}})
 
 
