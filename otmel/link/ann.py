@@ -188,8 +188,9 @@ class SegmentSearcher:
     def templates(self) -> dict[int, Any]:
         return {part: ix for part, (ix, _) in self.parts.items()}
 
-    def _exact_scores(self, q: np.ndarray, base: np.ndarray, image: np.ndarray, rows: np.ndarray | slice
-                      ) -> np.ndarray:
+    def exact_scores(self, q: np.ndarray, base: np.ndarray, image: np.ndarray, rows: np.ndarray | slice
+                     ) -> np.ndarray:
+        """Exact first-stage scores of `rows` of this segment for the queries (Bm, n)."""
         x, has = self.vectors[rows], self.has_image[rows]
         num = q @ np.asarray(x, dtype=np.float32).T  # (Bm, n)
         return num / (base[:, None] + image[:, None] * has[None, :].astype(np.float32))
@@ -203,11 +204,11 @@ class SegmentSearcher:
             best_s = np.full((len(q), 0), -np.inf, np.float32)
             best_r = np.zeros((len(q), 0), np.int64)
             for s in range(0, n, chunk):
-                sc = self._exact_scores(q, base, image, slice(s, min(n, s + chunk)))
+                sc = self.exact_scores(q, base, image, slice(s, min(n, s + chunk)))
                 if len(dead):
                     d = dead[(dead >= s) & (dead < s + chunk)] - s
                     sc[:, d] = -np.inf
-                best_s, best_r = _merge(best_s, best_r, sc, np.arange(s, s + sc.shape[1])[None, :], k)
+                best_s, best_r = merge_topk(best_s, best_r, sc, np.arange(s, s + sc.shape[1])[None, :], k)
             return _drop_dead(best_s, best_r)
         return self._ann_search(q, base, image, k, dead, p)
 
@@ -240,15 +241,16 @@ class SegmentSearcher:
                 for i in range(len(q)):  # refine: exact scores of the fetched rows, the best K kept below
                     ok = local[i] >= 0
                     if ok.any():
-                        exact[i, ok] = self._exact_scores(q[i:i + 1], base[i:i + 1], image[i:i + 1], local[i, ok])[0]
+                        exact[i, ok] = self.exact_scores(q[i:i + 1], base[i:i + 1], image[i:i + 1], local[i, ok])[0]
             else:  # the index's own inner products (exact for HNSW-Flat and Flat), divided by the pair count
                 has = self.has_image[np.clip(local, 0, None)].astype(np.float32)
                 exact = np.where(local >= 0, sims / (base[:, None] + image[:, None] * has), -np.inf)
-            best_s, best_r = _merge(best_s, best_r, exact, local, k)
+            best_s, best_r = merge_topk(best_s, best_r, exact, local, k)
         return _drop_dead(best_s, best_r)
 
 
-def _merge(s1: np.ndarray, r1: np.ndarray, s2: np.ndarray, r2: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def merge_topk(s1: np.ndarray, r1: np.ndarray, s2: np.ndarray, r2: np.ndarray, k: int
+               ) -> tuple[np.ndarray, np.ndarray]:
     """Keep the k best of two (Bm, *) candidate lists, best first; equal scores: lower row first (every entry
     tied with the k-th is considered, so the result does not depend on the order candidates came in)."""
     r2 = np.broadcast_to(r2, s2.shape)

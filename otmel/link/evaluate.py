@@ -197,7 +197,7 @@ def run_two_stage_index(loaded: LoadedCheckpoint, m: MentionFeatures, index: Ent
         for j, searcher in enumerate(index.searchers):  # non-candidates scoring >= the gold's
             off = int(index.offsets[j])
             for a in range(0, len(searcher.vectors), 262_144):
-                sc = torch.from_numpy(searcher._exact_scores(q.q.numpy(), q.base.numpy(), q.image.numpy(),
+                sc = torch.from_numpy(searcher.exact_scores(q.q.numpy(), q.base.numpy(), q.image.numpy(),
                                                              slice(a, a + 262_144)))
                 r = torch.arange(off + a, off + a + sc.shape[1])
                 hit = (sc >= gold_cheap.unsqueeze(1)) & (r.unsqueeze(0) != g.unsqueeze(1))

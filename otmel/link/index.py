@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from otmel.data.manifest import KG, shard_infos
-from otmel.link.ann import AnnParams, SegmentSearcher, torch_query
+from otmel.link.ann import AnnParams, SegmentSearcher, merge_topk, torch_query
 from otmel.link.store import Segment, StoreError
 from otmel.model import EntityFeatures
 from otmel.model.first_stage import FirstStageQuery
@@ -249,13 +249,11 @@ class EntityIndex:
         q, base, image = torch_query(query.q), torch_query(query.base), torch_query(query.image)
         best_s = np.full((len(q), 0), -np.inf, np.float32)
         best_r = np.zeros((len(q), 0), np.int64)
-        from otmel.link.ann import _merge
-
         for j, searcher in enumerate(self.searchers):
             off = int(self.offsets[j])
             dead = self.dead[(self.dead >= off) & (self.dead < self.offsets[j + 1])] - off
             s, r = searcher.search(q, base, image, k, dead, p)
-            best_s, best_r = _merge(best_s, best_r, s, np.where(r >= 0, r + off, -1), k)
+            best_s, best_r = merge_topk(best_s, best_r, s, np.where(r >= 0, r + off, -1), k)
         best_r = np.where(np.isneginf(best_s), -1, best_r)
         return torch.from_numpy(best_s), torch.from_numpy(best_r)
 
