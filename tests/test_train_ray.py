@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from otmel.train.worker.loop import FAULT_MARKER
 from tests.ray_helpers import local_ray, synth_shards
 
 pytestmark = pytest.mark.slow
-# The job test runs first: it starts and force-stops its own head before this module's in-process Ray.
+# The job test runs first: it starts and stops its own head (only its processes) before this module's in-process Ray.
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,6 +48,28 @@ def _overrides(shards: Path, storage: Path, name: str, *extra: str) -> list[str]
     ]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _stop_ray_under(temp: Path) -> None:
+    """Kill the processes of the Ray session whose files live under `temp` (their command lines name it)."""
+    import psutil
+
+    procs = [p for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or [])]
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
 def test_ray_job_submit_against_a_local_head(shards: Path, tmp_path: Path) -> None:
     """`ray start --head` (dashboard on 127.0.0.1) + `ray job submit ... -- python ray_jobs/train.py`."""
     ray_bin = Path(sys.executable).parent / "ray"
@@ -54,9 +77,13 @@ def test_ray_job_submit_against_a_local_head(shards: Path, tmp_path: Path) -> No
            "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
     env.pop("RAY_ADDRESS", None)
     temp = Path("/tmp") / f"otmel-head-{os.getpid()}"
-    port = 8265
+    # free ports, not Ray's defaults (8265, 6379, 52365, ...): another local Ray on this machine may hold them
+    port = _free_port()
+    ports = [f"--{k}={_free_port()}" for k in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                "runtime-env-agent-port", "metrics-export-port",
+                                                "ray-client-server-port")]
     subprocess.run([str(ray_bin), "start", "--head", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={port}", f"--temp-dir={temp}", "--include-dashboard=true"],
+                    f"--dashboard-port={port}", *ports, f"--temp-dir={temp}", "--include-dashboard=true"],
                    check=True, env=env, capture_output=True, timeout=120)
     try:
         for _ in range(60):  # the job server comes up a little after `ray start` returns
@@ -75,7 +102,7 @@ def test_ray_job_submit_against_a_local_head(shards: Path, tmp_path: Path) -> No
         results = json.loads((tmp_path / "job" / "results.json").read_text())
         assert results["metrics"]["global_step"] == 4 and "test/MRR" in results["metrics"]
     finally:
-        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_ray_under(temp)  # not `ray stop`: that stops every Ray on the machine, a user's too
         shutil.rmtree(temp, ignore_errors=True)
 
 

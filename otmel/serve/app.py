@@ -115,7 +115,10 @@ class LinkService:
 
     async def _answer(self, req: ParsedRequest, t0: float) -> dict[str, Any]:
         """One checked request: image decoded off the loop, then linked in a batch; `RequestError` if bad."""
-        query = await asyncio.to_thread(to_query, req, self.limits)
+        if req.image_b64 is None:  # nothing to decode: no thread hop
+            query = to_query(req, self.limits)
+        else:
+            query = await asyncio.to_thread(to_query, req, self.limits)
         result = await self._link(query)
         if isinstance(result, LinkInputError):
             raise RequestError("request", " ".join(str(result).split())[:300])
