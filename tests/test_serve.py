@@ -84,12 +84,6 @@ def queries(kg: Path, ckpt: Path, index_dir: Path) -> list[dict[str, Any]]:  # n
     return [{"text": m["sentence"], "mention": m["mention"]} for m in metas[:6]]
 
 
-def _png_b64(w: int = 24, h: int = 24) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), (10, 120, 200)).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def test_served_results_equal_linker_link(served: dict[str, Any], queries: list[dict[str, Any]]) -> None:
     linker = Linker.from_checkpoint(served["ckpt"], served["index"])
     image = _png_b64()
@@ -130,6 +124,12 @@ def test_health_info_and_batching(served: dict[str, Any], queries: list[dict[str
     assert max(sizes) > 1  # concurrent requests shared a forward pass
 
 
+def _png_b64(w: int = 24, h: int = 24) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (10, 120, 200)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 BAD: list[tuple[str, Any, int, str]] = [
     ("invalid-json", b'{"text": "x", ', 400, "body"),
     ("not-an-object", [1, 2], 400, "body"),
@@ -150,6 +150,9 @@ BAD: list[tuple[str, Any, int, str]] = [
     ("decompression-bomb", {"text": "Ada", "mention": "Ada",
                             "image": base64.b64encode(png_bomb(20_000, 20_000)).decode()}, 413, "image"),
     ("body-too-big", {"text": "Ada " * 60_000, "mention": "Ada"}, 413, "body"),
+    ("deep-nesting", b"[" * 50_000 + b"]" * 50_000, 400, "body"),  # RecursionError in json: was a 500
+    ("lone-surrogate", b'{"text": "Ada \\ud800", "mention": "Ada"}', 400, "text"),  # the tokenizer raised TypeError
+    ("extreme-aspect", {"text": "Ada", "mention": "Ada", "image": _png_b64(1, 900)}, 400, "image"),
 ]
 
 

@@ -83,10 +83,16 @@ def test_every_rule_names_its_field(body: object, field: str, words: str) -> Non
         assert body["text"] not in e.rule  # the value is never echoed
 
 
-@pytest.mark.parametrize("raw", [b"{", b"\xff\xfe", b'{"text": NaN}', b""])
+@pytest.mark.parametrize("raw", [b"{", b"\xff\xfe", b'{"text": NaN}', b"", b"[" * 100_000])
 def test_invalid_json_is_a_body_error(raw: bytes) -> None:
     e = _err(parse_json, raw)
     assert e.field == "body" and "JSON" in e.rule
+
+
+def test_a_lone_surrogate_is_refused_before_the_tokenizer_sees_it() -> None:
+    body = parse_json(b'{"text": "Ada \\ud800 wrote", "mention": "Ada"}')
+    e = _err(parse_link_request, body, L)
+    assert e.field == "text" and "Unicode" in e.rule
 
 
 def test_images_bad_base64_not_an_image_too_big_and_bombs() -> None:
@@ -109,6 +115,10 @@ def test_images_bad_base64_not_an_image_too_big_and_bombs() -> None:
     # under the pixel limit but truncated: a decode error, not a crash
     e = _err(decode_image_field, base64.b64encode(png_bomb(300, 300)).decode(), L)
     assert e.status == 400 and "PIL decodes" in e.rule
+    # a 1 x 800 strip: few pixels, but the CLIP resize would blow it up by the model's size
+    e = _err(decode_image_field, base64.b64encode(_png(1, 800)).decode(), L)
+    assert e.status == 400 and "aspect ratio of at most 20:1, got 1x800" in e.rule
+    assert decode_image_field(base64.b64encode(_png(20, 400)).decode(), L).size == (20, 400)  # 20:1 passes
     # RGBA is flattened on white
     buf = io.BytesIO()
     Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(buf, format="PNG")

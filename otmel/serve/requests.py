@@ -38,6 +38,9 @@ class Limits:
     max_batch_items: int = 256  # items of one POST /link/batch
     max_image_bytes: int = 10 * 2**20  # decoded base64 bytes
     max_image_pixels: int = 40_000_000  # width x height from the header, checked before decoding
+    # longest / shortest side: the CLIP resize scales the shortest side up to the model's size, so a 1 x 40M strip
+    # would become size x (size x 40M) pixels; real photos stay far below 20
+    max_image_aspect: float = 20.0
 
 
 class RequestError(ValueError):
@@ -59,6 +62,8 @@ def parse_json(raw: bytes) -> Any:
     """The JSON value of a body (UTF-8), or `RequestError('body', ...)`."""
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except RecursionError:  # e.g. 100,000 nested "[": a client must not get a 5xx
+        raise RequestError("body", "must not nest JSON arrays / objects that deep") from None
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise RequestError("body", f"must be valid UTF-8 JSON ({type(exc).__name__} at byte "
                            f"{getattr(exc, 'pos', getattr(exc, 'start', '?'))})") from None
@@ -78,6 +83,10 @@ def _string(obj: dict[str, Any], field: str, limit: int) -> str:
         raise RequestError(field, "must not be empty")
     if len(v) > limit:
         raise RequestError(field, f"must be at most {limit} characters, got {len(v)}")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800") is valid JSON but no text the tokenizer can take
+        raise RequestError(field, "must be valid Unicode (no lone surrogate escapes)") from None
     return v
 
 
@@ -158,6 +167,9 @@ def decode_image_field(b64: str, limits: Limits) -> Image.Image:
                 raise RequestError("image", "must have a positive width and height")
             if w * h > limits.max_image_pixels:
                 raise RequestError("image", f"must have at most {limits.max_image_pixels} pixels, got {w}x{h}", 413)
+            if max(w, h) > limits.max_image_aspect * min(w, h):
+                raise RequestError("image", f"must have an aspect ratio of at most {limits.max_image_aspect:g}:1, "
+                                   f"got {w}x{h}")
             img.load()
             if img.mode != "RGB":
                 if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
