@@ -49,17 +49,21 @@ def decode_image(data: bytes | None, *, draft_size: int | None = None) -> Image.
             if draft_size is not None and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
             img.load()
-            if img.mode != "RGB":
-                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                    img = img.convert("RGBA")
-                    background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-                    img = Image.alpha_composite(background, img)
-                img = img.convert("RGB")
+            img = to_rgb(img)
             if img.width < 1 or img.height < 1:
                 return None
             return img
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """A decoded image as RGB; transparency is flattened onto white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+    return img.convert("RGB")
 
 
 def normalize_image(data: bytes, max_side: int = MAX_SIDE, quality: int = JPEG_QUALITY) -> bytes | None:

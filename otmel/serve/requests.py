@@ -22,6 +22,7 @@ from typing import Any
 
 from PIL import Image
 
+from otmel.data.images import to_rgb
 from otmel.link.linker import MODES, LinkQuery
 
 FIELDS = ("text", "mention", "image", "k", "mode")
@@ -171,12 +172,7 @@ def decode_image_field(b64: str, limits: Limits) -> Image.Image:
                 raise RequestError("image", f"must have an aspect ratio of at most {limits.max_image_aspect:g}:1, "
                                    f"got {w}x{h}")
             img.load()
-            if img.mode != "RGB":
-                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                    img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)),
-                                                img.convert("RGBA"))
-                img = img.convert("RGB")
-            return img
+            return to_rgb(img)
     except RequestError:
         raise
     except Image.DecompressionBombError:  # PIL's own ceiling (2 x MAX_IMAGE_PIXELS), if above ours
