@@ -31,7 +31,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import numpy as np  # noqa: E402
 
@@ -148,14 +147,15 @@ def cpu_seconds() -> dict[str, float]:
             out["clients"] += sec
         elif "ServeReplica" in cmd:
             out["replicas"] += sec
-        elif "ProxyActor" in cmd:
+        elif "ProxyActor" in cmd or "/haproxy" in cmd:
             out["proxy"] += sec
         elif "ray" in cmd and ("/ray/" in cmd or cmd.startswith("ray::")):
             out["ray_other"] += sec
     return out
 
 
-def served(ckpt: str, index: str, ms: list[dict[str, Any]], cfg: dict[str, Any], port: int) -> dict[str, Any]:
+def served(ckpt: str, index: str, ms: list[dict[str, Any]], cfg: dict[str, Any], port: int,
+           levels: tuple[int, ...] = LEVELS) -> dict[str, Any]:
     import urllib.request
 
     from otmel.serve.run import ServeOptions, deploy, shutdown
@@ -170,15 +170,15 @@ def served(ckpt: str, index: str, ms: list[dict[str, Any]], cfg: dict[str, Any],
             req = urllib.request.Request(url + "/link", data=b, headers={"content-type": "application/json"})
             with urllib.request.urlopen(req, timeout=60) as r:
                 top1.append(json.loads(r.read())["entities"][0]["qid"])
-        levels = []
-        for c in LEVELS:
+        out = []
+        for c in levels:
             before = cpu_seconds()
             lv = asyncio.run(load_level(url, bodies, c))
             after = cpu_seconds()
             answered = max(1, lv["requests"] - lv["failed"])  # CPU ms per answered request, by process role
             lv["cpu_ms_per_request"] = {k: 1e3 * (after.get(k, 0.0) - before.get(k, 0.0)) / answered for k in after}
-            levels.append(lv)
-        return {**cfg, "levels": levels, "top1": top1}
+            out.append(lv)
+        return {**cfg, "levels": out, "top1": top1}
     finally:
         shutdown()
 
@@ -192,19 +192,23 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--out", required=True)
     ap.add_argument("--configs", default="0,1", help="which service layouts of CONFIGS to run (e.g. 0)")
+    ap.add_argument("--tunings", default="throughput",
+                    help="otmel serve --tuning values to measure, each with every layout (e.g. throughput,ray-default)")
+    ap.add_argument("--levels", default=",".join(map(str, LEVELS)), help="concurrent clients per level")
     args = ap.parse_args()
+    levels = tuple(int(c) for c in args.levels.split(","))
     ms = load_mentions(Path(args.mentions), args.limit)
     base = in_process(args.checkpoint, args.index, ms)
     print(f"in process: {base['throughput']:.1f} mentions/s (batches of {base['batch']}, {base['threads']} threads), "
           f"{base['cpu_ms']:.1f} CPU ms per mention", flush=True)
     result: dict[str, Any] = {"checkpoint": args.checkpoint, "index": args.index, "mentions": len(ms),
                               "in_process": base, "service": []}
-    for cfg in [CONFIGS[int(i)] for i in args.configs.split(",")]:
-        s = served(args.checkpoint, args.index, ms, cfg, args.port)
+    for cfg in [{**CONFIGS[int(i)], "tuning": t} for t in args.tunings.split(",") for i in args.configs.split(",")]:
+        s = served(args.checkpoint, args.index, ms, cfg, args.port, levels)
         s["top1_agreement"] = float(np.mean([a == b for a, b in zip(s.pop("top1"), base["top1"], strict=True)]))
         result["service"].append(s)
         for lv in s["levels"]:
-            print(f"{cfg['replicas']} x {cfg['replica_cpus']:g} CPU | {lv['clients']:>2} clients: "
+            print(f"{cfg['tuning']}, {cfg['replicas']} x {cfg['replica_cpus']:g} CPU | {lv['clients']:>2} clients: "
                   f"{lv['throughput']:.1f}/s ({lv['throughput'] / base['throughput']:.2f}x in process), "
                   f"p50 {lv['p50_ms']:.1f} ms, p99 {lv['p99_ms']:.1f} ms (p99/p50 {lv['p99_ms'] / lv['p50_ms']:.1f}), "
                   f"{lv['failed']} failed of {lv['requests']}; CPU ms/request "

@@ -1,7 +1,8 @@
 """The linking service on a real local Ray Serve, over real HTTP on loopback (marked slow; run in CI).
 
 One service for the module: 2 replicas (0.5 CPU each), batches of up to 8, a copy of the tiny test index (the
-reload test changes it), small body / image limits so that the limit tests stay small.
+reload test changes it), small body / image limits so that the limit tests stay small, and the default ingress
+(HAProxy, `otmel/serve/haproxy.py`). A second, short-lived service checks the Python-proxy ingress.
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ pytestmark = pytest.mark.slow
 LIMITS = Limits(max_body_bytes=200_000, max_image_bytes=100_000, max_image_pixels=1_000_000, max_batch_items=32)
 
 
+def _haproxy_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["name", "cmdline"])
+            if p.info["name"] == "haproxy" and "otmel-haproxy-" in " ".join(p.info["cmdline"] or [])]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -64,17 +72,23 @@ def call(url: str, path: str, body: Any = None, *, raw: bytes | None = None, met
 @pytest.fixture(scope="module")
 def served(ckpt: Path, index_dir: Path, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
            ) -> Iterator[dict[str, Any]]:
+    import ray
+
     from otmel.serve.run import ServeOptions, deploy, shutdown
 
+    if ray.is_initialized():  # a Ray left by another module: the service starts its own, as `otmel serve` does
+        ray.shutdown()
     index = tmp_path_factory.mktemp("serve") / "index"
     shutil.copytree(index_dir, index)
     opts = ServeOptions(checkpoint=str(ckpt), index=str(index), port=_free_port(), replicas=2, replica_cpus=0.5,
                         max_batch_size=8, batch_wait_ms=10, watch_index_s=0.5, limits=LIMITS)
     url = deploy(opts)
+    assert opts.ingress == "haproxy"  # "auto" on Linux with ray[serve]'s HAProxy wheel
     try:
         yield {"url": url, "index": index, "ckpt": ckpt}
     finally:
         shutdown()
+    assert not _haproxy_pids()  # Serve stopped its HAProxy
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +115,27 @@ def test_served_results_equal_linker_link(served: dict[str, Any], queries: list[
                 assert (got[t] is None) == (getattr(w, t) is None)
                 if got[t] is not None:
                     assert got[t] == pytest.approx(getattr(w, t), abs=1e-5)
+
+
+def test_haproxy_ingress_listens_on_loopback_only_with_the_hardened_config(served: dict[str, Any]) -> None:
+    import psutil
+
+    from otmel.serve.haproxy import config_path
+
+    (pid,) = _haproxy_pids()[:1] or [None]
+    assert pid is not None
+    proc = psutil.Process(pid)
+    cfg = config_path(proc.cmdline())  # its files in the service's private directory (Serve rewrites the file at
+    assert cfg is not None and cfg.parent.parent.name.startswith("otmel-haproxy-")  # run time: the launcher
+    assert cfg.parent.parent.stat().st_mode & 0o777 == 0o700  # hardens each HAProxy start, see the sockets below
+    listening = [c.laddr for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    port = int(served["url"].rsplit(":", 1)[1])
+    assert port in {a.port for a in listening} and len(listening) >= 3  # the service, stats, metrics
+    assert all(a.ip == "127.0.0.1" for a in listening), listening
+    replicas = [p for p in psutil.process_iter(["cmdline"]) if "ServeReplica" in " ".join(p.info["cmdline"] or [])]
+    direct = [c.laddr for p in replicas for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+              and 30000 <= c.laddr.port <= 31000]  # the replicas' direct-ingress HTTP servers
+    assert len(direct) == 2 and all(a.ip == "127.0.0.1" for a in direct), direct
 
 
 def test_health_info_and_batching(served: dict[str, Any], queries: list[dict[str, Any]]) -> None:
@@ -251,25 +286,45 @@ def test_a_reload_changes_the_answers(served: dict[str, Any], queries: list[dict
     assert call(served["url"], "/admin/reload", {})[1]["reloaded"] is False
 
 
-def test_otmel_serve_command_runs_in_the_foreground_and_stops_on_ctrl_c(ckpt: Path, index_dir: Path,  # noqa: F811
+@pytest.mark.parametrize("ingress", ["auto", "proxy"])
+def test_otmel_serve_command_runs_in_the_foreground_and_stops_on_ctrl_c(ingress: str, ckpt: Path,  # noqa: F811
+                                                                        index_dir: Path,  # noqa: F811
                                                                         queries: list[dict[str, Any]]) -> None:
+    """The command, as a user runs it, with either ingress (its own Ray): the same answers as `Linker.link`, Ctrl-C
+    stops it with exit 0, the port closes and its HAProxy (auto = haproxy here) is gone."""
+    import psutil
+
     port = _free_port()
     exe = Path(sys.executable).parent / "otmel"
     proc = subprocess.Popen([str(exe), "serve", "--checkpoint", str(ckpt), "--index", str(index_dir),
-                             "--port", str(port), "--replica-cpus", "0.5"],
+                             "--port", str(port), "--replica-cpus", "0.5", "--ingress", ingress],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        assert f"http://127.0.0.1:{port}" in line, (line, proc.poll())
-        status, out = call(f"http://127.0.0.1:{port}", "/link", {**queries[0], "k": 2})
-        assert status == 200 and len(out["entities"]) == 2
+        line, seen = "", []
+        while proc.stdout and not line.startswith("otmel serve:"):  # (Ray may forward a log line first)
+            line = proc.stdout.readline()
+            seen.append(line)
+            assert line or proc.poll() is None, (seen, proc.poll())
+        assert f"http://127.0.0.1:{port}" in line, (seen, proc.poll())
+        want = "haproxy" if ingress == "auto" else "proxy"
+        assert f", {want} ingress;" in line, line
+        haproxies = [c for c in psutil.Process(proc.pid).children(recursive=True) if c.name() == "haproxy"]
+        assert bool(haproxies) == (want == "haproxy")
+        linker = Linker.from_checkpoint(ckpt, index_dir)
+        for q in queries[:2]:
+            status, out = call(f"http://127.0.0.1:{port}", "/link", {**q, "k": 2})
+            assert status == 200 and [e["qid"] for e in out["entities"]] == [
+                e.qid for e in linker.link(q["text"], q["mention"], None, k=2)]
+        assert call(f"http://127.0.0.1:{port}", "/link", {"text": "x", "mention": "x", "k": 0})[0] == 400
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=90)
         assert rc == 0
         assert "shutting down" in (proc.stderr.read() if proc.stderr else "")
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+        time.sleep(1)
+        assert not [h for h in haproxies if h.is_running() and h.status() != psutil.STATUS_ZOMBIE]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -29,6 +29,15 @@ def _cmd_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--watch-index-s", type=float, default=2.0,
                    help="each replica re-reads the index manifest at most this often (0: only on /admin/reload)")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
+    p.add_argument("--tuning", choices=["throughput", "ray-default"], default="throughput",
+                   help="Ray Serve request-path settings for the local Ray this starts (otmel/serve/run.py "
+                   "SERVE_TUNINGS; on a cluster, its environment decides)")
+    p.add_argument("--ingress", choices=["auto", "haproxy", "proxy"], default="auto",
+                   help="haproxy: Ray Serve's HAProxy ingress (faster; its stats and metrics kept on loopback, "
+                   "otmel/serve/haproxy.py); proxy: Serve's Python HTTP proxy; auto (default): haproxy when this "
+                   "starts the Ray and the HAProxy binary of ray[serve] is installed (Linux), else proxy")
+    p.add_argument("--access-log", action="store_true",
+                   help="Serve's per-request access log lines (route, status, latency; never bodies)")
     g = p.add_argument_group("request limits (4xx beyond them)")
     g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     g.add_argument("--max-batch-items", type=int, default=d.max_batch_items)
@@ -47,7 +56,7 @@ def _serve(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint, index=args.index, host=args.host, port=args.port, replicas=args.replicas,
         replica_cpus=args.replica_cpus, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
         mode=args.mode, candidates=args.candidates, watch_index_s=args.watch_index_s, address=args.address,
-        limits=limits))
+        tuning=args.tuning, ingress=args.ingress, access_log=args.access_log, limits=limits))
 
 
 COMMANDS = [_cmd_serve]

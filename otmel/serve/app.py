@@ -189,9 +189,11 @@ class LinkService:
 
 def build_app(args: dict[str, Any]) -> Any:
     """The application for `serve deploy` / `serve run otmel.serve.app:build_app checkpoint=... index=...`:
-    `args` holds LinkService's arguments plus `replicas` and `replica_cpus`."""
+    `args` holds LinkService's arguments plus `replicas`, `replica_cpus` and `access_log` (Serve's per-request
+    access lines; off by default: they cost CPU on every request and hold nothing a metric does not)."""
     args = dict(args)
     replicas, cpus = int(args.pop("replicas", 1)), float(args.pop("replica_cpus", 1))
+    access_log = str(args.pop("access_log", False)).lower() in ("1", "true", "yes")
     for key in ("candidates", "max_batch_size", "threads"):
         if key in args:
             args[key] = int(args[key])
@@ -203,8 +205,8 @@ def build_app(args: dict[str, Any]) -> Any:
     if missing:
         raise ValueError(f"the otmel service needs args {missing} (a checkpoint and an `otmel index` folder)")
     return LinkService.options(  # type: ignore[attr-defined]  # a Deployment once decorated
-        num_replicas=replicas, ray_actor_options={"num_cpus": cpus},
-                               max_ongoing_requests=max(64, 4 * batch)).bind(
+        num_replicas=replicas, ray_actor_options={"num_cpus": cpus}, max_ongoing_requests=max(64, 4 * batch),
+        logging_config={"enable_access_log": access_log}).bind(
         str(args.pop("checkpoint")), str(args.pop("index")), **args)
 
 
