@@ -5,8 +5,9 @@ Parameters, fixed before the first run (docs/benchmarks.md, "Linking service"):
   over HTTP; the same bytes in process), k = 10, two-stage, K = 128;
 - in process (the baseline): one `Linker`, `link_batch` over batches of 16 (= the service's max batch), torch and
   faiss with 2 threads (the whole box); throughput = mentions / s over 3 passes after one warm-up pass;
-- service: `otmel serve`'s deployment in this process (a local Ray on loopback), 2 replicas x 1 CPU (1 thread each),
-  max batch 16, batch wait 5 ms; a second configuration, 1 replica x 2 CPUs, is measured the same way;
+- service: `otmel serve`'s deployment in this process (a local Ray on loopback), max batch 16, batch wait 5 ms, the
+  "throughput" tuning (--tunings); layouts (--configs, CONFIGS below): 0 = 2 replicas x 1 CPU (1 thread each) on the
+  HAProxy ingress (the default), 1 = the same on Serve's Python proxy, 2 = 1 replica x 2 CPUs on the Python proxy;
 - loopback clients (aiohttp, in this process): 1 / 4 / 16 / 64 concurrent, each level after 32 warm-up requests,
   bounded: it stops at 1,500 requests or 30 s, whichever comes first; per-request latency p50 / p99, throughput =
   answered / wall time, failures = any non-200 or connection error (no retries).
@@ -40,7 +41,9 @@ from otmel.io import atomic_json  # noqa: E402
 
 LEVELS = (1, 4, 16, 64)
 MAX_REQUESTS, MAX_SECONDS, WARMUP = 1500, 30.0, 32
-CONFIGS = ({"replicas": 2, "replica_cpus": 1.0}, {"replicas": 1, "replica_cpus": 2.0})
+CONFIGS = ({"replicas": 2, "replica_cpus": 1.0, "ingress": "haproxy"},
+           {"replicas": 2, "replica_cpus": 1.0, "ingress": "proxy"},
+           {"replicas": 1, "replica_cpus": 2.0, "ingress": "proxy"})
 
 
 def load_mentions(shards: Path, limit: int) -> list[dict[str, Any]]:
@@ -191,7 +194,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=256)
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--configs", default="0,1", help="which service layouts of CONFIGS to run (e.g. 0)")
+    ap.add_argument("--configs", default="0,1", help="which service layouts of CONFIGS to run (e.g. 0,1,2)")
     ap.add_argument("--tunings", default="throughput",
                     help="otmel serve --tuning values to measure, each with every layout (e.g. throughput,ray-default)")
     ap.add_argument("--levels", default=",".join(map(str, LEVELS)), help="concurrent clients per level")
@@ -208,7 +211,8 @@ def main() -> None:
         s["top1_agreement"] = float(np.mean([a == b for a, b in zip(s.pop("top1"), base["top1"], strict=True)]))
         result["service"].append(s)
         for lv in s["levels"]:
-            print(f"{cfg['tuning']}, {cfg['replicas']} x {cfg['replica_cpus']:g} CPU | {lv['clients']:>2} clients: "
+            print(f"{cfg['ingress']}, {cfg['tuning']}, {cfg['replicas']} x {cfg['replica_cpus']:g} CPU | "
+                  f"{lv['clients']:>2} clients: "
                   f"{lv['throughput']:.1f}/s ({lv['throughput'] / base['throughput']:.2f}x in process), "
                   f"p50 {lv['p50_ms']:.1f} ms, p99 {lv['p99_ms']:.1f} ms (p99/p50 {lv['p99_ms'] / lv['p50_ms']:.1f}), "
                   f"{lv['failed']} failed of {lv['requests']}; CPU ms/request "

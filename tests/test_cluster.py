@@ -147,7 +147,7 @@ def test_serve_config_validates_and_builds_the_otmel_app() -> None:
         _serve_config(yaml.safe_dump(broken))
 
 
-def test_kuberay_rayservice_serves_the_same_application() -> None:
+def test_kuberay_rayservice_serves_the_same_application(tmp_path: Path) -> None:
     svc = _k8s()["RayService"]["spec"]
     local = yaml.safe_load((ROOT / "configs/serve/otmel.yaml").read_text())
     embedded = yaml.safe_load(svc["serveConfigV2"])
@@ -159,3 +159,16 @@ def test_kuberay_rayservice_serves_the_same_application() -> None:
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # replicas run on the workers
     (group,) = cluster["workerGroupSpecs"]
     assert group["minReplicas"] >= 1 and group["maxReplicas"] >= group["minReplicas"]
+    # head and workers run Serve with the environment `otmel serve` gives a local Ray: HAProxy ingress + tuning
+    from otmel.serve.haproxy import ingress_environment
+    from otmel.serve.run import SERVE_TUNINGS
+
+    (head,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    (worker,) = group["template"]["spec"]["containers"]
+    for container in (head, worker):
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        assert SERVE_TUNINGS["throughput"].items() <= env.items()
+    local = ingress_environment(tmp_path / "ingress")
+    for key in ("RAY_SERVE_HAPROXY_RETRY_ON", "RAY_SERVE_HAPROXY_RETRIES"):
+        assert env[key] == local[key]
