@@ -1,6 +1,6 @@
-"""Copy the model and pair tables of docs/studies/{fidelity-synth,sets-synth}.md (written by
-scripts/export_studies.sh) into docs/results.md between the <!-- FIDELITY_TABLES --> / <!-- SETS_TABLES -->
-markers. Usage: python scripts/fill_results.py"""
+"""Copy the model and pair tables of docs/studies/{fidelity-synth,sets-synth,melbench-rp}.md (written by
+scripts/export_studies.sh) into docs/results.md between the <!-- FIDELITY_TABLES --> / <!-- SETS_TABLES --> /
+<!-- MELBENCH_TABLES --> markers. Usage: python scripts/fill_results.py"""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def tables(name: str) -> str:
 def main() -> None:
     path = ROOT / "docs" / "results.md"
     doc = path.read_text()
-    for marker, name in (("FIDELITY_TABLES", "fidelity-synth"), ("SETS_TABLES", "sets-synth")):
+    for marker, name in (("FIDELITY_TABLES", "fidelity-synth"), ("SETS_TABLES", "sets-synth"),
+                         ("MELBENCH_TABLES", "melbench-rp")):
         start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
         a, b = doc.index(start) + len(start), doc.index(end)
         doc = doc[:a] + "\n" + tables(name) + "\n" + doc[b:]
