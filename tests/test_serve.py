@@ -296,10 +296,13 @@ def test_otmel_serve_command_runs_in_the_foreground_and_stops_on_ctrl_c(ingress:
 
     port = _free_port()
     exe = Path(sys.executable).parent / "otmel"
+    # without the Serve environment this process set for the module's own service (a user's shell has none; inherited,
+    # the command would take that service's HAProxy files and ports as the user's own settings)
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_") and k != "OTMEL_HAPROXY_BINARY"}
     proc = subprocess.Popen([str(exe), "serve", "--checkpoint", str(ckpt), "--index", str(index_dir),
                              "--port", str(port), "--replica-cpus", "0.5", "--ingress", ingress],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+                            env={**clean_env, "RAY_AUTH_MODE": "disabled"})
     try:
         line, seen = "", []
         while proc.stdout and not line.startswith("otmel serve:"):  # (Ray may forward a log line first)
