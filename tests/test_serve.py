@@ -298,7 +298,8 @@ def test_otmel_serve_command_runs_in_the_foreground_and_stops_on_ctrl_c(ingress:
     exe = Path(sys.executable).parent / "otmel"
     # without the Serve environment this process set for the module's own service (a user's shell has none; inherited,
     # the command would take that service's HAProxy files and ports as the user's own settings)
-    clean_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_") and k != "OTMEL_HAPROXY_BINARY"}
+    clean_env = {k: v for k, v in os.environ.items()
+                 if not k.startswith("RAY_SERVE_") and k not in ("OTMEL_HAPROXY_BINARY", "RAY_ADDRESS")}
     proc = subprocess.Popen([str(exe), "serve", "--checkpoint", str(ckpt), "--index", str(index_dir),
                              "--port", str(port), "--replica-cpus", "0.5", "--ingress", ingress],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -308,7 +309,7 @@ def test_otmel_serve_command_runs_in_the_foreground_and_stops_on_ctrl_c(ingress:
         while proc.stdout and not line.startswith("otmel serve:"):  # (Ray may forward a log line first)
             line = proc.stdout.readline()
             seen.append(line)
-            assert line or proc.poll() is None, (seen, proc.poll())
+            assert line or proc.poll() is None, (seen, proc.poll(), proc.stderr.read()[-3000:] if proc.stderr else "")
         assert f"http://127.0.0.1:{port}" in line, (seen, proc.poll())
         want = "haproxy" if ingress == "auto" else "proxy"
         assert f", {want} ingress;" in line, line
