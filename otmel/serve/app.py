@@ -33,6 +33,7 @@ from ray import serve
 
 from otmel.link.linker import LinkedEntity, Linker, LinkInputError, LinkQuery
 from otmel.serve.requests import (
+    ADMIN_LOOPBACK_RULE,
     Limits,
     ParsedRequest,
     RequestError,
@@ -173,7 +174,7 @@ class LinkService:
     @api.post("/admin/reload")
     async def admin_reload(self, request: Request) -> JSONResponse:
         if not is_loopback(request.client.host if request.client else None):
-            return _error(RequestError("client", "/admin/reload is accepted from loopback only", 403))
+            return _error(RequestError("client", ADMIN_LOOPBACK_RULE, 403))
         before = self.linker.index.generation
         changed = await asyncio.to_thread(self._follow_index, True)
         return JSONResponse({"reloaded": changed, "generation_before": before,

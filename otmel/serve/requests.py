@@ -27,6 +27,8 @@ from otmel.link.linker import MODES, LinkQuery
 
 FIELDS = ("text", "mention", "image", "k", "mode")
 
+ADMIN_LOOPBACK_RULE = "/admin/reload is accepted from loopback only"  # the 403 of a non-loopback client
+
 
 @dataclass(frozen=True)
 class Limits:
