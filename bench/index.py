@@ -211,7 +211,7 @@ def part_a(args: argparse.Namespace) -> dict[str, Any]:
 
 def part_b(args: argparse.Namespace) -> dict[str, Any]:
     """10M entities from the 1M encoded ones (module docstring), IVF-PQ."""
-    from otmel.link.index_build import _share
+    from otmel.link.index_build import share_files
     from otmel.link.store import SegmentWriter
 
     out = Path(args.out)
@@ -245,7 +245,7 @@ def part_b(args: argparse.Namespace) -> dict[str, Any]:
         meta["ann"] = IVFPQ.to_json()
         meta["layout"] = {**meta["layout"], "dtype": "float16"}
         meta["counts"] = {**meta["counts"], "entities": n1 * args.copies, "rows": n1 * args.copies}
-        _share(big)
+        share_files(big)
         atomic_json(big / "index.json", meta)
         res["ann_build_s"] = ann["seconds"]
     else:

@@ -99,15 +99,14 @@ def part_b(args: argparse.Namespace) -> dict:
     print(f"\n(b) two-stage vs exhaustive: {args.shards_b}, checkpoint {loaded.path} ({loaded.sha256[:12]})",
           flush=True)
     index, build_s = _index(args, loaded)
-    e = index.features
     batch, _ = read_split(args.shards_b, "test", loaded_pre(loaded), limit=args.limit, seed=args.seed)
     m = encode_mentions(loaded, batch)
     gold = batch["e_index"]
-    print(f"{len(gold)} test mentions (seeded subset) x {len(e)} entities; exhaustive pass ...", flush=True)
+    print(f"{len(gold)} test mentions (seeded subset) x {len(index)} entities; exhaustive pass ...", flush=True)
     ks = [int(k) for k in args.ks.split(",")]
-    ex = run_exhaustive(loaded, m, e, gold, sweep_ks=ks, sweep_first_stages=("summary", "cls", "fusion"))
+    ex = run_exhaustive(loaded, m, index, gold, sweep_ks=ks, sweep_first_stages=("summary", "cls", "fusion"))
     ex_m = metrics_from_ranks(ex["ranks"])
-    out: dict = {"entities": len(e), "mentions": len(gold), "index_build_seconds": build_s or
+    out: dict = {"entities": len(index), "mentions": len(gold), "index_build_seconds": build_s or
                  index.meta["build"]["seconds"], "index_workers": index.meta["build"]["workers"],
                  "exhaustive": {"seconds": ex["seconds"], "metrics": ex_m}, "sweep": {}, "two_stage": {}}
     print(f"exhaustive: {ex['seconds']:.1f} s ({1e3 * ex['seconds'] / len(gold):.0f} ms/mention), "
@@ -126,7 +125,7 @@ def part_b(args: argparse.Namespace) -> dict:
     print(f"{'K':>6} {'seconds':>8} {'retrieval s':>11} {'speed-up':>9} {'agree %':>8} {'H@1':>7} {'dH@1':>6} "
           f"{'MRR':>7}")
     for k in [int(k) for k in args.rerank_ks.split(",")]:
-        ts = run_two_stage(loaded, m, e, gold, candidates=k, first_stage=args.first_stage)
+        ts = run_two_stage(loaded, m, index, gold, candidates=k, first_stage=args.first_stage)
         mt = metrics_from_ranks(ts["ranks"])
         agree = float((ts["top1"] == ex["top1"]).double().mean())
         speed = ex["seconds"] / ts["seconds"]

@@ -72,7 +72,7 @@ def ray_loop(shards: Path, steps: int, storage: Path) -> float:
 def pool_memory(pool: int, checkpoint: bool, local: int = 32) -> float:
     """Peak RSS (MB) of one training step: `local` mentions against a pool of `pool` entities, of which
     `local` are encoded here with gradient and the rest arrive detached, as gathered from other workers."""
-    from tests.model_helpers import random_batch, tiny_cfg
+    from otmel.model.testing import random_batch, tiny_cfg
 
     torch.set_flush_denormal(True)
     torch.manual_seed(0)

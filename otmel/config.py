@@ -141,11 +141,6 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @property
-    def inference_ca(self) -> str:
-        """What the correlation assignments run at inference: the KD model swaps OT for its student ATT."""
-        return "student" if self.kd != "none" else "teacher"
-
 
 def _number(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)

@@ -14,7 +14,7 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor
 
-__all__ = ["SinkhornNotConvergedWarning", "reg_number", "sinkhorn"]
+__all__ = ["KERNEL_MAX_RANGE", "Marginals", "SinkhornNotConvergedWarning", "reg_number", "sinkhorn"]
 
 Method = Literal["auto", "log", "kernel"]
 
@@ -24,9 +24,9 @@ Method = Literal["auto", "log", "kernel"]
 _NEG = -1e30
 # Check the marginal error every this many iterations when ``stop_thr`` is set (POT checks every 10).
 _CHECK_EVERY = 10
-# The kernel path is taken only when max(C) - min(C) <= reg * _KERNEL_MAX_RANGE[dtype] in every plan,
+# The kernel path is taken only when max(C) - min(C) <= reg * KERNEL_MAX_RANGE[dtype] in every plan,
 # and its result is kept only when every scaling stays within exp(+-_KERNEL_MAX_LOG[dtype]).
-_KERNEL_MAX_RANGE = {torch.float32: 30.0, torch.float64: 300.0}
+KERNEL_MAX_RANGE = {torch.float32: 30.0, torch.float64: 300.0}
 _KERNEL_MAX_LOG = {torch.float32: 60.0, torch.float64: 600.0}
 
 
@@ -212,7 +212,7 @@ def sinkhorn(
             batch = torch.broadcast_shapes(batch, mask.shape[:-1])  # type: ignore[no-untyped-call]
     if batch != cost.shape[:-2]:
         cost = cost.expand(*batch, n, m)
-    marg = _Marginals(mask_x, mask_y, n, m, cost)
+    marg = Marginals(mask_x, mask_y, n, m, cost)
 
     plan: Tensor | None  # None only from a kernel run that left the safe range (redone below)
     info: dict[str, Any]
@@ -247,7 +247,7 @@ def sinkhorn(
     return (plan, info) if return_info else plan
 
 
-class _Marginals:
+class Marginals:
     """Uniform marginals over the valid elements, as Python floats when nothing is masked.
 
     ``a`` (..., n, 1) / ``b`` (..., 1, m): the marginals, 1 / n_valid on valid elements and 0 on
@@ -308,7 +308,7 @@ def _marginal_error(col_sums: Tensor, b: Tensor | float) -> float:
 
 
 def _sinkhorn_log(
-    cost: Tensor, marg: _Marginals, reg: float | Tensor, n_iters: int, stop_thr: float | None
+    cost: Tensor, marg: Marginals, reg: float | Tensor, n_iters: int, stop_thr: float | None
 ) -> tuple[Tensor, dict[str, Any]]:
     """Alternating log-softmax normalisations of the log plan (see ``sinkhorn``)."""
     bias_x, bias_y = marg.bias_x, marg.bias_y
@@ -349,7 +349,7 @@ def _kernel_range_ok(shift: Tensor, cost: Tensor, reg: float | Tensor) -> bool:
     """
     hi = cost.detach().amax(dim=(-2, -1), keepdim=True)
     spread = hi - shift
-    return bool((torch.isfinite(spread) & (spread <= _KERNEL_MAX_RANGE[cost.dtype] * reg_number(reg))).all())
+    return bool((torch.isfinite(spread) & (spread <= KERNEL_MAX_RANGE[cost.dtype] * reg_number(reg))).all())
 
 
 def _scaling_ok(s: Tensor, weight: Tensor | float, max_log: float) -> Tensor:
@@ -362,7 +362,7 @@ def _scaling_ok(s: Tensor, weight: Tensor | float, max_log: float) -> Tensor:
 def _sinkhorn_kernel(
     cost: Tensor,
     shift: Tensor,
-    marg: _Marginals,
+    marg: Marginals,
     reg: float | Tensor,
     n_iters: int,
     stop_thr: float | None,

@@ -18,12 +18,12 @@ the clamp and per-plan shift of the training path (they cancel in the plan; see 
 
 **Equivalence.** Sinkhorn's plan does not change when K is multiplied by a constant per plan (u and v absorb it),
 so dropping the training path's per-plan shift ``exp(min C / reg)`` leaves A unchanged up to rounding; the
-iterations are the same as :func:`otmel.ot._sinkhorn_kernel` (column update first, uniform marginals over the
+iterations are those of the kernel path of :func:`otmel.ot.sinkhorn` (column update first, uniform marginals over the
 valid elements, padded rows / columns with zero marginal and exactly zero in A). Tested equal to the dense path
 to float32 rounding, masks included.
 
 **Range.** Without the shift, :math:`K \\in [e^{-1/\\mathrm{reg}}, 1]`; the path is taken only when
-:math:`1 / \\mathrm{reg}` is within the kernel path's safe range (:data:`otmel.ot._KERNEL_MAX_RANGE`, 30 in
+:math:`1 / \\mathrm{reg}` is within the kernel path's safe range (:data:`otmel.ot.KERNEL_MAX_RANGE`, 30 in
 float32: reg >= 1/30), a static check with no host synchronisation (the training path's ``method="auto"`` checks
 the data). :func:`factored_ok` says whether it applies; the matcher falls back to the dense path otherwise.
 
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from otmel.ot import _KERNEL_MAX_RANGE, _Marginals, reg_number
+from otmel.ot import KERNEL_MAX_RANGE, Marginals, reg_number
 from otmel.ot_costs import pairwise_dot
 
 __all__ = ["ScaledKernel", "cosine_ot_assignment", "factored_ok"]
@@ -68,7 +68,7 @@ class ScaledKernel:
 def factored_ok(reg: float, dtype: torch.dtype = torch.float32) -> bool:
     """Whether :func:`cosine_ot_assignment` is safe for this ``reg``: costs lie in [0, 1], so the kernel's
     dynamic range is exp(1 / reg), which must stay within the kernel path's bound."""
-    return dtype in _KERNEL_MAX_RANGE and 1.0 / reg <= _KERNEL_MAX_RANGE[dtype]
+    return dtype in KERNEL_MAX_RANGE and 1.0 / reg <= KERNEL_MAX_RANGE[dtype]
 
 
 def cosine_ot_assignment(
@@ -96,7 +96,7 @@ def cosine_ot_assignment(
     # exp(-C / reg), unclamped; in place unless a tensor reg needs autograd through it
     K = (cos_half - half).exp() if isinstance(reg, Tensor) else cos_half.sub_(half).exp_()
     n, m = K.shape[-2:]
-    marg = _Marginals(mask_x, mask_y, n, m, K)
+    marg = Marginals(mask_x, mask_y, n, m, K)
     a, b, u0 = marg.a, marg.b, marg.u0
     zero_a, zero_b = marg.zero_a, marg.zero_b
     col = K.sum(-2, keepdim=True) if u0 is None else u0.transpose(-1, -2) @ K  # (..., 1, m)

@@ -1,7 +1,8 @@
 """Starting Ray for a command: the one start-up shared by train / study / tune / ablate / index.
 
-`start_ray` joins a cluster (`address`, or the RAY_ADDRESS a `ray job submit` sets) or starts a local Ray that
-listens on loopback only: its dashboard on 127.0.0.1 and — because the node's address is 127.0.0.1 — the GCS,
+`start_ray` joins a cluster (`address`, or the RAY_ADDRESS a `ray job submit` sets) or starts a local Ray of its
+own (never another local Ray it happens to find on the machine) that listens on loopback only: its dashboard on
+127.0.0.1 and — because the node's address is 127.0.0.1 — the GCS,
 raylet, object manager, worker and agent servers too (Ray 2.60 binds its gRPC servers to loopback only when the
 node IP is 127.0.0.1; it picks 127.0.0.1 as the node IP when `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, the setting it
 uses on laptops; `_node_ip_address="127.0.0.1"` alone is resolved back to the machine's address). A cluster keeps
@@ -35,8 +36,11 @@ def start_ray(*, address: str | None = None, cpus: int = 1, env_vars: dict[str, 
     if address:
         ray.init(address=address, **kw)
     else:
+        # address="local": a Ray of this command's own, even when another one runs on the machine (`ray start
+        # --head`, another otmel command, a test) or a dead one left /tmp/ray/ray_current_cluster behind; without
+        # it ray.init() joins (or fails to join) that one. Joining is what RAY_ADDRESS / --address are for.
         with loopback_only():
-            ray.init(num_cpus=max(cpus, os.cpu_count() or 1), include_dashboard=dashboard,
+            ray.init(address="local", num_cpus=max(cpus, os.cpu_count() or 1), include_dashboard=dashboard,
                      dashboard_host="127.0.0.1", **kw)
     return True
 

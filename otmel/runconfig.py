@@ -75,7 +75,6 @@ class TrainConfig:
     eval_every: int = 1  # validate every N epochs (and after the last)
     eval_batch_size: int = 64
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: one per epoch)
-    fail_at_step: int | None = None  # fault injection: rank 1 (or 0 alone) exits once at this global step
     # A step whose loss is NaN / Inf on any rank is skipped on every rank (no backward, no optimizer or LR step; the
     # weights stay as they were) and counted (train/nonfinite_steps); this many in a row stop the run with an
     # error naming the step and the loss terms (0: stop at the first one).
@@ -103,7 +102,6 @@ class TrainConfig:
             "steps_per_epoch": (self.steps_per_epoch is None or self.steps_per_epoch >= 1, ">= 1 or null"),
             "grad_clip": (self.grad_clip > 0, "> 0"),
             "checkpoint_every": (self.checkpoint_every >= 0, ">= 0 (0: once per epoch)"),
-            "fail_at_step": (self.fail_at_step is None or self.fail_at_step >= 1, ">= 1 or null"),
             "max_nonfinite_steps": (self.max_nonfinite_steps >= 0, ">= 0"),
         }
         if self.hard_negatives != "none":
@@ -152,6 +150,11 @@ class WandbConfig:
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
 
 
+# Keys that configs saved by earlier versions (a checkpoint's state.json, results.json) carry with the value that
+# made them no-ops: dropped when read, so those runs still load. Any other value is an unknown key.
+RETIRED_KEYS: dict[str, dict[str, Any]] = {"train": {"fail_at_step": None}}
+
+
 @dataclass
 class RunConfig:
     name: str = "synth"
@@ -193,6 +196,9 @@ class RunConfig:
             raise ConfigError(f"config section 'model' must be a mapping, got {type(spec).__name__}")
         if "model_spec" in d:
             raise UnknownKeyError("unknown config key(s) ['model_spec']")
+        for sec, retired in RETIRED_KEYS.items():
+            if isinstance(d.get(sec), dict):
+                d[sec] = {k: v for k, v in d[sec].items() if k not in retired or v != retired[k]}
         cfg: RunConfig = _build(cls, d, "")
         kw = dict(spec)
         cfg.model = ModelConfig.from_variant(kw.pop("variant", "OT"), **kw)
@@ -258,7 +264,8 @@ def _build(cls: type, d: dict[str, Any], where: str) -> Any:
     return cls(**kw)
 
 
-def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    """Set `section.key` (any depth) in a raw config mapping, creating the sections it lacks."""
     parts = key.split(".")
     for p in parts[:-1]:
         d = d.setdefault(p, {})
@@ -289,7 +296,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             value = yaml.safe_load(v)
         except yaml.YAMLError:
             raise ConfigError(f"override {ov!r}: the value is not valid YAML") from None
-        _set_dotted(raw, k.strip(), value)
+        set_dotted(raw, k.strip(), value)
     return RunConfig.from_dict(raw)
 
 

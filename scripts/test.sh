@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Set up .venv (scripts/setup.sh) and run the whole test suite, slow end-to-end runs included.
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
+# `--fast`: the inner loop, without the slow end-to-end runs (-m "not slow"). Other arguments go to pytest,
+# e.g. `bash scripts/test.sh tests/test_link.py -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline DS_ACCELERATOR=cpu
+args=()
+for a in "$@"; do
+    if [ "$a" = "--fast" ]; then args+=(-m "not slow"); else args+=("$a"); fi
+done
 .venv/bin/ruff check otmel ray_jobs bench tests
 .venv/bin/mypy
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --durations=25 "${args[@]}"

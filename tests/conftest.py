@@ -10,6 +10,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A Ray cluster the user (or a `ray job submit`) pointed this shell at is not the tests' business: every test starts
+# the Ray it needs (a local one of its own: otmel.ray_runtime.start_ray, tests/ray_helpers.local_ray).
+os.environ.pop("RAY_ADDRESS", None)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -25,8 +25,8 @@ def local_ray(prefix: str, num_cpus: int) -> Iterator[None]:
     import ray
 
     tmp = Path("/tmp") / f"{prefix}-{os.getpid()}"  # short: Ray's socket paths are length-limited
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=str(tmp),
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             _temp_dir=str(tmp), runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
                                        "TOKENIZERS_PARALLELISM": "false"}})
     try:
         yield

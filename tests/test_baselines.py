@@ -13,7 +13,6 @@ from otmel.data.baselines import (
     normalise,
     string_match_metrics,
     string_match_ranks,
-    string_match_scores,
     tokens,
 )
 from otmel.data.records import EntityRecord, MentionRecord
@@ -51,7 +50,7 @@ SURFACES = ["Barack  OBAMA", "Obama", "New York City Marathon", "City of New Yor
 
 
 def test_each_tier_on_a_hand_made_kg() -> None:
-    s = string_match_scores(_mentions(SURFACES), _kg(NAMES))
+    s = StringMatcher(_kg(NAMES)).scores(_mentions(SURFACES))
     assert s.shape == (6, 6) and s.dtype == torch.float32
     exp = torch.zeros(6, 6)
     exp[0, 0] = 3.0  # exact after case folding and whitespace normalisation
@@ -71,7 +70,7 @@ def test_tiers_never_overlap() -> None:
     rng = random.Random(1)
     vocab = ["al", "bo", "cy", "di", "ed", "fu"]
     names = [" ".join(rng.choices(vocab, k=rng.randint(1, 4))) for _ in range(60)]
-    s = string_match_scores(_mentions(names[:30]), _kg(names))
+    s = StringMatcher(_kg(names)).scores(_mentions(names[:30]))
     vals = set(s.unique().tolist())
     assert {0.0, 2.0, 3.0} <= vals
     tier1 = s[(s > 0) & (s < 2)]
@@ -84,7 +83,7 @@ def test_pessimistic_ties_count_against_gold() -> None:
     ranks = string_match_ranks(ms, kg)
     # both homonyms score 3: each is beaten by the other under pessimistic ties
     assert ranks.tolist() == [2, 2, 4]  # all-zero row: the gold is last
-    s = string_match_scores(ms, kg)
+    s = StringMatcher(kg).scores(ms)
     assert s[0].tolist() == [3.0, 3.0, 2.0, 0.0]
 
 
@@ -114,14 +113,14 @@ def _random_dataset(seed: int, n_ent: int, n_men: int) -> tuple[list[EntityRecor
 @pytest.mark.parametrize("seed", [0, 1])
 def test_indexed_scores_equal_brute_force(seed: int) -> None:
     kg, ms = _random_dataset(seed, 40, 50)
-    s = string_match_scores(ms, kg)
+    s = StringMatcher(kg).scores(ms)
     ref = torch.tensor([[_reference(m.mention, e.name) for e in kg] for m in ms])
     assert torch.allclose(s, ref, atol=1e-6)
 
 
 def test_blocked_ranks_equal_dense_path() -> None:
     kg, ms = _random_dataset(3, 120, 200)
-    dense = string_match_scores(ms, kg)
+    dense = StringMatcher(kg).scores(ms)
     gold = torch.tensor([int(m.answer[1:]) - 1 for m in ms])
     expected = gold_ranks(dense, gold)
     assert torch.equal(string_match_ranks(ms, kg, block=7), expected)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from otmel.model import OTMEL
+from otmel.model.testing import random_batch, tiny_cfg
 from otmel.runconfig import load_config
 from otmel.train.worker.checkpoint import (
     CheckpointCorruptError,
@@ -16,8 +17,7 @@ from otmel.train.worker.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from tests.model_helpers import random_batch, tiny_cfg
-from tests.test_train import _FakeEngine
+from tests.test_train import FakeEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _save(directory: Path, seed: int = 0) -> None:
     torch.manual_seed(seed)
     model = OTMEL(tiny_cfg("OT"))
-    eng = _FakeEngine(model)
+    eng = FakeEngine(model)
     model(random_batch())["S_O"].sum().backward()
     eng.opt.step()
     st = {"epoch": 1, "step_in_epoch": 0, "global_step": 4, "best_mrr": 0.5, "best_epoch": 1, "history": []}

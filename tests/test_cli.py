@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,15 @@ def test_console_script_is_installed() -> None:
     exe = shutil.which("otmel") or str(Path(sys.executable).parent / "otmel")
     out = subprocess.run([exe, "train", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--resume" in out.stdout
+
+
+def test_import_otmel_stays_light_and_knows_the_installed_version(capsys: pytest.CaptureFixture[str]) -> None:
+    code = ("import sys, importlib.metadata, otmel; assert 'torch' not in sys.modules and 'ray' not in sys.modules; "
+            "assert otmel.__version__ == importlib.metadata.version('otmel'), otmel.__version__")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"otmel {importlib.metadata.version('otmel')}"
 
 
 def test_train_rejects_a_mistyped_key_before_starting_ray(capsys: pytest.CaptureFixture[str]) -> None:

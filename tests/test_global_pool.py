@@ -13,6 +13,7 @@ import torch.distributed as dist
 from otmel.loss import OTMELLoss, exclusion_mask
 from otmel.model import OTMEL, EntityFeatures
 from otmel.model.features import MentionFeatures
+from otmel.model.testing import random_batch, tiny_cfg
 from otmel.train.worker.distributed import (
     all_gather_tensor_uneven,
     all_gather_uneven,
@@ -21,7 +22,6 @@ from otmel.train.worker.distributed import (
     make_entity_pool,
 )
 from tests.gloo_helpers import spawn_and_join
-from tests.model_helpers import random_batch, tiny_cfg
 
 B, W = 4, 2  # per-worker batch, workers
 DUP = (1, 7)  # mention 1 (rank 0) and mention 7 (rank 1) share a gold entity

@@ -21,7 +21,7 @@ from otmel.link.evaluate import evaluate, read_split
 from otmel.link.index_update import add_to_index, compact_index, remove_from_index
 from otmel.model import OTMEL, EntityFeatures
 from otmel.model.first_stage import entity_vectors, first_stage_scores, mention_queries, scores_from_vectors
-from tests.model_helpers import random_batch, tiny_cfg
+from otmel.model.testing import random_batch, tiny_cfg
 from tests.test_link import ckpt, index_dir, kg, make_checkpoint  # noqa: F401 (fixtures)
 
 

@@ -11,7 +11,7 @@ from otmel.loss import OTMELLoss
 from otmel.model import OTMEL, EntityFeatures
 from otmel.model.assign import CorrelationAssignment, masked_softmax
 from otmel.model.pool import Pool
-from tests.model_helpers import entity_batch, random_batch, tiny_cfg
+from otmel.model.testing import entity_batch, random_batch, tiny_cfg
 
 
 @pytest.fixture(autouse=True)
@@ -191,7 +191,7 @@ def test_cached_entity_scoring_equals_training_forward(variant: str) -> None:
 def test_kd_model_uses_attention_at_inference_and_ot_in_training() -> None:
     model = _model("KD")
     b = random_batch()
-    assert model.train()._mode() == "both" and model.eval()._mode() == "student"
+    assert model.train().ca_mode() == "both" and model.eval().ca_mode() == "student"
     with torch.no_grad():
         student = model.eval()(b)["S_T"]
         model.cfg.kd = "none"  # same weights, teacher (OT) path

@@ -12,8 +12,8 @@ from otmel.loss import OTMELLoss
 from otmel.model import OTMEL
 from otmel.model.assign import LearnedReg, PlanRecord
 from otmel.model.matching import UnimodalMatcher
+from otmel.model.testing import entity_batch, random_batch, tiny_cfg
 from otmel.ot import sinkhorn
-from tests.model_helpers import entity_batch, random_batch, tiny_cfg
 
 MODULES = {"fusion.v2t", "fusion.t2v", "match_t.ca", "match_v.ca"}
 
@@ -80,7 +80,7 @@ def test_capture_counts_the_plans_of_every_ot_module(reg: float) -> None:
     assert cap.problems("match_v.ca") == 5 * 5
     # fusion: one text<->image problem per mention and per entity that has an image
     assert cap.problems("fusion.v2t") == 10 and cap.problems("fusion.t2v") == 10
-    assert not any(mod._plan_hooks for mod in ot_modules(model).values())  # removed on exit
+    assert not any(mod.plan_hooks for mod in ot_modules(model).values())  # removed on exit
 
 
 def test_factored_and_dense_paths_report_the_same_plans() -> None:

@@ -1,16 +1,20 @@
-"""Seed studies without Ray: t statistics against known values, the paired tables on synthetic rows, and the
-resumable driver with `fit` replaced by a stand-in (the real Ray Train path is exercised by test_train_ray.py)."""
+"""Seed studies without Ray: t statistics against known values, the paired tables on synthetic rows and on the
+committed study rows (docs/studies/data/), and the resumable driver with `fit` replaced by a stand-in (the real
+Ray Train path is exercised by test_train_ray.py)."""
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import json
 import math
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from otmel.analysis.stats import paired, sign_flip_p, summarize, t_cdf, t_quantile
+from otmel.analysis.stats import paired, sign_flip_p, summarize
 from otmel.analysis.study_tables import model_table, paired_table, plans_table, study_markdown
 from otmel.cli import build_parser, main
 from otmel.train.driver import study as study_mod
@@ -19,10 +23,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(("df", "q"), [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (29, 2.0452)])
-def test_t_quantiles_match_tables(df: int, q: float) -> None:
-    assert t_quantile(0.975, df) == pytest.approx(q, abs=2e-4)
-    assert t_cdf(q, df) == pytest.approx(0.975, abs=1e-5) and t_cdf(-q, df) == pytest.approx(0.025, abs=1e-5)
-    assert t_quantile(0.025, df) == pytest.approx(-q, abs=2e-4)
+def test_interval_uses_the_t_quantiles_of_the_tables(df: int, q: float) -> None:
+    xs = [float(i % 3) + 0.1 * i for i in range(df + 1)]
+    s = summarize(xs)
+    assert s.ci95 / (s.sd / math.sqrt(df + 1)) == pytest.approx(q, abs=2e-4)
+
+
+def _sign_flip_by_enumeration(d: list[float]) -> float:
+    obs = abs(sum(d)) - 1e-12
+    hits = sum(abs(sum(s * x for s, x in zip(signs, d, strict=True))) >= obs
+               for signs in itertools.product((1, -1), repeat=len(d)))
+    return hits / 2 ** len(d)
+
+
+def test_sign_flip_is_exact() -> None:
+    """scipy's permutation test over every sign pattern equals the enumeration of all 2^n of them."""
+    rng = random.Random(0)
+    for _ in range(50):
+        d = [round(rng.gauss(0, 1), rng.randint(0, 2)) for _ in range(rng.randint(2, 8))]
+        assert sign_flip_p(d) == pytest.approx(_sign_flip_by_enumeration(d), abs=1e-12), d
+    assert sign_flip_p([0.3]) == 1.0 and math.isnan(sign_flip_p([]))
+    with pytest.raises(ValueError, match="at most 16 seeds"):
+        sign_flip_p([1.0] * 17)
 
 
 def test_summary_and_paired_difference() -> None:
@@ -105,12 +127,14 @@ def test_study_resumes_skips_finished_and_retries_failed(tmp_path: Path, monkeyp
     assert json.loads((tmp_path / "studies/s/plan.json").read_text())["pairs"] == [["A1", "OT"]]
 
 
-def test_study_cli_parses_and_rejects_bad_pairs(capsys: pytest.CaptureFixture[str]) -> None:
+def test_study_cli_parses_and_rejects_bad_pairs(capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     a = build_parser().parse_args(["study", "--name", "n", "--variants", "OT,A1", "--seeds", "0-2,5", "x.y=1"])
     assert a.name == "n" and a.overrides == ["x.y=1"]
-    from otmel.cli.train import _seed_list
-
-    assert _seed_list("0-2,5") == [0, 1, 2, 5]
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(study_mod, "run_study", lambda config, overrides, **kw: seen.update(kw))
+    assert main(["study", "--name", "n", "--variants", "OT,A1", "--seeds", "0-2,5", "--pairs", "OT-A1"]) == 0
+    assert seen["seeds"] == [0, 1, 2, 5] and seen["variants"] == ["OT", "A1"] and seen["pairs"] == [("OT", "A1")]
     assert main(["study", "--name", "n", "--variants", "OT", "--pairs", "OTA1"]) == 2
     assert "each pair is A-B" in capsys.readouterr().err
 
@@ -140,3 +164,29 @@ def test_summary_header_counts_the_whole_grid_when_resumed_with_a_seed_subset() 
             for v in ("OT", "A1") for s in range(4)][:-1]  # A1 seed 3 missing
     text = study_markdown(rows, ["OT", "A1"], [], {"name": "x", "seeds": [2, 3]})
     assert "seeds [0, 1, 2, 3]; 7 of 8 trials finished." in text
+
+
+STUDIES = ("fidelity-synth", "sets-synth", "melbench-rp")
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_committed_study_tables_regenerate_from_their_rows(name: str) -> None:
+    """docs/studies/NAME.md (`otmel study --report`, scripts/export_studies.sh) is what the committed plan.json and
+    rows.jsonl give, to the last printed digit."""
+    assert study_mod.study_summary(ROOT / "docs/studies/data" / name) == (ROOT / f"docs/studies/{name}.md").read_text()
+
+
+def test_results_page_shows_the_committed_study_tables() -> None:
+    """docs/results.md carries the model and pair tables of every study (scripts/fill_results.py), as regenerated."""
+    spec = importlib.util.spec_from_file_location("fill_results", ROOT / "scripts/fill_results.py")
+    assert spec is not None and spec.loader is not None
+    fill = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fill)
+    doc = (ROOT / "docs/results.md").read_text()
+    for marker, name in (("FIDELITY_TABLES", "fidelity-synth"), ("SETS_TABLES", "sets-synth"),
+                         ("MELBENCH_TABLES", "melbench-rp")):
+        start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+        block = doc[doc.index(start) + len(start):doc.index(end)]
+        tables = study_mod.study_summary(ROOT / "docs/studies/data" / name).split("\n", 2)[2]
+        assert block == "\n" + tables.split("\nPlans of the trained checkpoints")[0].strip() + "\n", name
+        assert block == "\n" + fill.tables(name) + "\n", name

@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from otmel.cli import main
-from otmel.data.synth import SynthPlan, attr_text, build_plan, generate
+from otmel.data.synth import attr_text, build_plan, generate
 from otmel.data.synth_draw import COLOUR_SYNONYMS, COLOURS, SHAPE_SYNONYMS, colour_pixel_counts
+from otmel.data.synth_plan import SynthPlan
 from otmel.data.synth_stats import plan_stats
 
 SMALL = 0.05  # 100 entities, 150 mentions

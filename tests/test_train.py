@@ -10,12 +10,12 @@ import torch
 from otmel.config import ModelConfig
 from otmel.metrics import gold_ranks
 from otmel.model import OTMEL
+from otmel.model.testing import entity_batch, random_batch, tiny_cfg
 from otmel.runconfig import RunConfig, TrainConfig, load_config
 from otmel.train.driver.launch import format_table
 from otmel.train.worker.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from otmel.train.worker.engine import TOWER_PREFIXES, Engine, load_ds_config
 from otmel.train.worker.evaluate import encode_kg, encode_split, gold_ranks_distributed
-from tests.model_helpers import entity_batch, random_batch, tiny_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -35,6 +35,29 @@ def test_unknown_keys_fail_at_start_up_naming_the_key() -> None:
         load_config(ROOT / "configs/synth.yaml", ["model.hiden_dim=3"])
     with pytest.raises(KeyError, match="trian"):
         RunConfig.from_dict({"trian": {}})
+
+
+def test_saved_configs_of_earlier_versions_load() -> None:
+    """`train.fail_at_step` left the run config (the fault hook of the tests is an environment variable): the
+    `null` that every earlier checkpoint records is read and dropped; a step is an unknown key."""
+    saved = load_config(ROOT / "configs/synth.yaml").to_dict()
+    saved["train"]["fail_at_step"] = None
+    assert RunConfig.from_dict(saved).to_dict() == load_config(ROOT / "configs/synth.yaml").to_dict()
+    with pytest.raises(KeyError, match=r"train\.fail_at_step"):
+        load_config(ROOT / "configs/synth.yaml", ["train.fail_at_step=5"])
+
+
+def test_the_fault_hook_reaches_the_workers_only_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from otmel.train.worker.loop import FAULT_ENV, fault_run_config, fault_step
+
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    assert fault_step() is None and fault_run_config() == {}  # nothing extra in a user's run
+    monkeypatch.setenv(FAULT_ENV, "5")
+    assert fault_step() == 5 and fault_run_config() == {"worker_runtime_env": {"env_vars": {FAULT_ENV: "5"}}}
+    for bad in ("0", "-3", "five"):
+        monkeypatch.setenv(FAULT_ENV, bad)
+        with pytest.raises(ValueError, match=FAULT_ENV):
+            fault_step()
 
 
 def test_overrides_are_yaml_typed() -> None:
@@ -81,7 +104,7 @@ def test_evaluation_refuses_a_kg_without_the_gold() -> None:
             gold_ranks_distributed(model, mentions, gold, entities, 1)
 
 
-class _FakeEngine:
+class FakeEngine:
     def __init__(self, model: torch.nn.Module) -> None:
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
@@ -101,7 +124,7 @@ class _FakeEngine:
 def test_checkpoint_roundtrip_restores_weights_optimizer_and_rng(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = OTMEL(tiny_cfg("OT"))
-    eng = _FakeEngine(model)
+    eng = FakeEngine(model)
     model(random_batch())["S_O"].sum().backward()
     eng.opt.step()
     rng = rng_state()
@@ -114,7 +137,7 @@ def test_checkpoint_roundtrip_restores_weights_optimizer_and_rng(tmp_path: Path)
     torch.rand(5)  # move the RNG on
     torch.manual_seed(1)
     fresh = OTMEL(tiny_cfg("OT"))
-    eng2 = _FakeEngine(fresh)
+    eng2 = FakeEngine(fresh)
     state, best2 = load_checkpoint(tmp_path, rank=0, model=fresh, engine=eng2)  # type: ignore[arg-type]
     assert state == st and best2 is not None
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True))

@@ -14,13 +14,14 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from otmel.train.driver.launch import main as train_main
 from otmel.train.worker.checkpoint import load_checkpoint
-from otmel.train.worker.loop import FAULT_MARKER
+from otmel.train.worker.loop import FAULT_ENV, FAULT_MARKER
 from tests.ray_helpers import local_ray, synth_shards
 
 pytestmark = pytest.mark.slow
@@ -92,6 +93,13 @@ def test_ray_job_submit_against_a_local_head(shards: Path, tmp_path: Path) -> No
                 break
             except OSError:
                 time.sleep(1)
+        # an otmel command run meanwhile (no RAY_ADDRESS) starts a Ray of its own: a plain ray.init() would find this
+        # head's GCS process and join it (or fail: "When connecting to an existing cluster, num_cpus ...")
+        probe = ("from otmel.ray_runtime import start_ray; start_ray(cpus=1, dashboard=False); import ray; "
+                 "print(ray.get_runtime_context().gcs_address)")
+        own = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=180)
+        assert own.returncode == 0, own.stderr[-2000:]
+        assert not own.stdout.strip().endswith(f":{ports[0].split('=')[1]}"), own.stdout
         args = _overrides(shards, tmp_path, "job") + ["train.epochs=1", "train.strategy=ddp"]
         cmd = [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{port}", f"--working-dir={ROOT}",
                "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", "data", "shards", ".git"]}),
@@ -136,14 +144,22 @@ def test_train_deepspeed_two_workers_writes_results_and_safe_checkpoints(
     assert state["global_step"] == 8 and best is not None
 
 
-def test_fault_injection_resumes_exactly(shards: Path, tmp_path: Path, ray_session: None) -> None:
+def _with_fault_at(step: int, monkeypatch: pytest.MonkeyPatch, *args: Any) -> dict[str, Any]:
+    """`train_main(*args)` with one worker killed once at global `step` (the workers' fault hook, FAULT_ENV)."""
+    with monkeypatch.context() as m:
+        m.setenv(FAULT_ENV, str(step))
+        return train_main(*args)
+
+
+def test_fault_injection_resumes_exactly(shards: Path, tmp_path: Path, ray_session: None,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker killed once at step 5 (a checkpoint every 2 steps): the run completes, the optimizer step
     count is exact, and every final metric equals the uninterrupted run's bit for bit (deterministic CPU:
     same seeds, same data stream positions, gloo sums of 2 ranks are order-independent)."""
     common = ("train.strategy=ddp", "train.checkpoint_every=2")
     ref = train_main(str(ROOT / "configs/synth.yaml"), _overrides(shards, tmp_path, "ref", *common))
-    hit = train_main(str(ROOT / "configs/synth.yaml"),
-                     _overrides(shards, tmp_path, "faulty", *common, "train.fail_at_step=5"))
+    hit = _with_fault_at(5, monkeypatch, str(ROOT / "configs/synth.yaml"),
+                         _overrides(shards, tmp_path, "faulty", *common))
     assert (tmp_path / "faulty" / FAULT_MARKER).exists()  # the fault really happened
     assert hit["metrics"]["global_step"] == ref["metrics"]["global_step"] == 8
     for k, v in ref["metrics"].items():
@@ -151,16 +167,16 @@ def test_fault_injection_resumes_exactly(shards: Path, tmp_path: Path, ray_sessi
             assert hit["metrics"][k] == v, k
 
 
-def test_hard_negatives_mined_on_two_workers_and_resumed_exactly(shards: Path, tmp_path: Path,
-                                                                  ray_session: None) -> None:
+def test_hard_negatives_mined_on_two_workers_and_resumed_exactly(shards: Path, tmp_path: Path, ray_session: None,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Lexical + mined hard negatives (mined at the start of every epoch across both workers): a worker killed
     at step 7 (mid-epoch 2, after the second mining and the step-6 checkpoint) resumes with the checkpointed
     table and ends bit-identical to the uninterrupted run; the table is in the checkpoint, epochs report mining."""
     common = ("train.strategy=ddp", "train.checkpoint_every=2", "train.hard_negatives=both",
               "train.hard_per_mention=2", "train.hard_pool=4")
     ref = train_main(str(ROOT / "configs/synth.yaml"), _overrides(shards, tmp_path, "hn-ref", *common))
-    hit = train_main(str(ROOT / "configs/synth.yaml"),
-                     _overrides(shards, tmp_path, "hn-faulty", *common, "train.fail_at_step=7"))
+    hit = _with_fault_at(7, monkeypatch, str(ROOT / "configs/synth.yaml"),
+                         _overrides(shards, tmp_path, "hn-faulty", *common))
     assert (tmp_path / "hn-faulty" / FAULT_MARKER).exists()
     assert hit["metrics"]["global_step"] == ref["metrics"]["global_step"] == 8
     for k, v in ref["metrics"].items():

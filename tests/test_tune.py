@@ -165,7 +165,7 @@ def test_model_plan_entropy(variant: str) -> None:
         assert sharp["plan_entropy"] < out["plan_entropy"]  # less regularisation, sharper plans
     else:
         assert out == {}  # ATT, and the KD model's student at inference, have no plan
-    assert not any(getattr(m, "_plan_hooks", None) for m in model.modules())  # the capture hooks are removed
+    assert not any(getattr(m, "plan_hooks", None) for m in model.modules())  # the capture hooks are removed
 
 
 def test_plot_sweep_writes_png(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from otmel.analysis.plans import PlanCapture, capture_plans
 from otmel.analysis.sharpness import WHAT_IF_REGS, load_probe, what_if
@@ -96,9 +95,4 @@ def _histograms(caps: list[tuple[str, str, PlanCapture]], out: Path) -> None:
     plt.close(fig)
 
 
-def report_json(runs: list[Path], mentions: int = 16, entities: int = 32) -> dict[str, Any]:
-    """The per-module summaries of every run (for scripts)."""
-    return {str(r): run_capture(r, mentions, entities)[2].summary() for r in runs}
-
-
-__all__ = ["report", "report_json", "run_capture"]
+__all__ = ["report", "run_capture"]

@@ -1,61 +1,30 @@
-"""Small-sample statistics for seed studies: Student-t intervals and paired tests (plain Python, no SciPy).
+"""Small-sample statistics for seed studies: Student-t intervals and paired tests (`scipy.stats`).
 
 A comparison of two models trained with the same seeds is *paired*: the seed fixes the initialisation and the
 data order of both, so the per-seed difference d_s = a_s - b_s removes the seed-to-seed variation they share.
 For n seeds with mean difference d and sample standard deviation s_d:
 
-- 95% confidence interval: d +- t_{0.975, n-1} * s_d / sqrt(n);
-- paired t-test: t = d / (s_d / sqrt(n)), two-sided p = 2 * (1 - F_t(|t|; n - 1));
+- 95% confidence interval: d +- t_{0.975, n-1} * s_d / sqrt(n) (`scipy.stats.t.ppf`);
+- paired t-test: t = d / (s_d / sqrt(n)), two-sided p (`scipy.stats.ttest_rel`);
 - exact sign-flip (permutation) test: under "no difference" each d_s is as likely to be -d_s, so p is the
-  fraction of the 2^n sign patterns whose |mean| is at least the observed |mean| (no normality assumed).
+  fraction of the 2^n sign patterns whose |mean| is at least the observed |mean| (no normality assumed;
+  `scipy.stats.permutation_test` with ``permutation_type="samples"``, which flips signs for one sample, over
+  all 2^n patterns).
 
-A difference is *called* only when its 95% interval excludes zero. The t CDF is integrated numerically
-(composite Simpson rule on the density, accurate to ~1e-9 for the degrees of freedom used here) and inverted
-by bisection.
+A difference is *called* only when its 95% interval excludes zero.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import statistics
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
+from scipy import stats as sps
 
-def t_pdf(x: float, df: int) -> float:
-    """Density of Student's t with `df` degrees of freedom."""
-    c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    return math.exp(c - (df + 1) / 2 * math.log1p(x * x / df))
-
-
-def t_cdf(x: float, df: int, steps: int = 4000) -> float:
-    """P(T <= x) for Student's t (Simpson's rule from 0 to |x|, by symmetry)."""
-    if df < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    a = abs(x)
-    if a == 0:
-        return 0.5
-    h = a / steps
-    s = t_pdf(0.0, df) + t_pdf(a, df)
-    s += 4 * sum(t_pdf((2 * k - 1) * h, df) for k in range(1, steps // 2 + 1))
-    s += 2 * sum(t_pdf(2 * k * h, df) for k in range(1, steps // 2))
-    half = min(0.5, s * h / 3)
-    return 0.5 + half if x > 0 else 0.5 - half
-
-
-def t_quantile(p: float, df: int) -> float:
-    """The p-quantile of Student's t (bisection on `t_cdf`)."""
-    if not 0 < p < 1:
-        raise ValueError(f"p must be in (0, 1), got {p}")
-    if p < 0.5:
-        return -t_quantile(1 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        hi *= 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
+MAX_SIGN_FLIP_SEEDS = 16  # the exact test enumerates 2^n sign patterns
 
 
 @dataclass(frozen=True)
@@ -84,7 +53,7 @@ def summarize(xs: list[float]) -> Summary:
     if n == 1:
         return Summary(1, mean, math.nan, math.nan)
     sd = statistics.stdev(xs)
-    return Summary(n, mean, sd, t_quantile(0.975, n - 1) * sd / math.sqrt(n))
+    return Summary(n, mean, sd, float(sps.t.ppf(0.975, n - 1)) * sd / math.sqrt(n))
 
 
 @dataclass(frozen=True)
@@ -110,16 +79,17 @@ class Paired:
 
 
 def sign_flip_p(diffs: list[float]) -> float:
-    """Exact two-sided sign-flip p-value of the mean of `diffs` (2^n patterns; n <= 16)."""
+    """Exact two-sided sign-flip p-value of the mean of `diffs` (all 2^n patterns; n <= 16)."""
     n = len(diffs)
     if n == 0:
         return math.nan
-    if n > 16:
-        raise ValueError("the exact sign-flip test enumerates 2^n patterns; use at most 16 seeds")
-    obs = abs(sum(diffs)) - 1e-12
-    hits = sum(abs(sum(s * d for s, d in zip(signs, diffs, strict=True))) >= obs
-               for signs in itertools.product((1, -1), repeat=n))
-    return hits / 2 ** n
+    if n == 1:  # both patterns have the observed |mean|
+        return 1.0
+    if n > MAX_SIGN_FLIP_SEEDS:
+        raise ValueError(f"the exact sign-flip test enumerates 2^n patterns; use at most {MAX_SIGN_FLIP_SEEDS} seeds")
+    res = sps.permutation_test((np.asarray(diffs, dtype=np.float64),), np.mean, permutation_type="samples",
+                               vectorized=True, n_resamples=2 ** n, alternative="two-sided")
+    return float(res.pvalue)
 
 
 def paired(a: dict[int, float], b: dict[int, float]) -> Paired:
@@ -129,13 +99,15 @@ def paired(a: dict[int, float], b: dict[int, float]) -> Paired:
     sm = summarize(d)
     if sm.n < 2:
         return Paired(sm, math.nan, math.nan, sign_flip_p(d))
-    if sm.sd == 0:
-        t = math.inf if sm.mean != 0 else 0.0
+    if sm.sd == 0:  # a constant difference: the t statistic is infinite (or 0 / 0 when there is none)
+        t = math.copysign(math.inf, sm.mean) if sm.mean != 0 else 0.0
         p = 0.0 if sm.mean != 0 else 1.0
     else:
-        t = sm.mean / (sm.sd / math.sqrt(sm.n))
-        p = 2 * (1 - t_cdf(abs(t), sm.n - 1))
+        with warnings.catch_warnings():  # a near-constant difference: p is ~0 either way (3 decimals are shown)
+            warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+            res = sps.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds])
+        t, p = float(res.statistic), float(res.pvalue)
     return Paired(sm, t, p, sign_flip_p(d))
 
 
-__all__ = ["Paired", "Summary", "paired", "sign_flip_p", "summarize", "t_cdf", "t_pdf", "t_quantile"]
+__all__ = ["MAX_SIGN_FLIP_SEEDS", "Paired", "Summary", "paired", "sign_flip_p", "summarize"]

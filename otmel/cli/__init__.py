@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 
 import yaml
 
-from otmel import __version__
 from otmel.cli import analysis, data, link, serve, train
 from otmel.cli.common import fail
 from otmel.errors import UserError
+from otmel.version import __version__
 
 # What a user can fix: our own errors, and the built-in ones that carry a file or value problem.
 USER_ERRORS = (UserError, OSError, json.JSONDecodeError, yaml.YAMLError, ValueError, KeyError)

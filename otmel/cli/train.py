@@ -3,8 +3,26 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
-from otmel.cli.common import fail
+from otmel.cli.common import debug_wanted, fail, worker_failed
+from otmel.errors import WorkerError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _reporting(cmd: str, run: Handler) -> Handler:
+    """`run`, with a failed training run (a Ray Train worker's error, or Ray's) reported in one line
+    (`otmel.cli.common.worker_failed`: exit 2 when the user can fix it, else 1)."""
+    def handler(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except WorkerError as exc:
+            if debug_wanted(args):
+                raise
+            return worker_failed(cmd, exc)
+
+    return handler
 
 
 def _cmd_train(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +44,7 @@ def _cmd_train(sub: argparse._SubParsersAction) -> None:
         train_main(args.config, [*args.overrides, *(["run.console=verbose"] if args.verbose else [])], args.resume)
         return 0
 
-    p.set_defaults(func=run)
+    p.set_defaults(func=_reporting("train", run))
 
 
 def _cmd_baseline(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +59,7 @@ def _cmd_baseline(sub: argparse._SubParsersAction) -> None:
         baselines(args.config, args.overrides, args.split)
         return 0
 
-    p.set_defaults(func=run)
+    p.set_defaults(func=_reporting("baseline", run))
 
 
 # ------------------------------------------------------------------------------ sweeps and ablations
@@ -72,7 +90,7 @@ def _cmd_tune(sub: argparse._SubParsersAction) -> None:
         run_sweep(args.config, args.search, args.overrides, name=args.name, resume=args.resume)
         return 0
 
-    p.set_defaults(func=run)
+    p.set_defaults(func=_reporting("tune", run))
 
 
 def _cmd_ablate(sub: argparse._SubParsersAction) -> None:
@@ -100,7 +118,7 @@ def _cmd_ablate(sub: argparse._SubParsersAction) -> None:
                      concurrent=args.concurrent)
         return 0
 
-    p.set_defaults(func=run)
+    p.set_defaults(func=_reporting("ablate", run))
 
 
 def _seed_list(text: str) -> list[int]:
@@ -164,7 +182,7 @@ def _cmd_study(sub: argparse._SubParsersAction) -> None:
                   pairs=pairs)  # type: ignore[arg-type]
         return 0
 
-    p.set_defaults(func=run)
+    p.set_defaults(func=_reporting("study", run))
 
 
 def _cmd_plot(sub: argparse._SubParsersAction) -> None:

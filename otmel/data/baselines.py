@@ -139,11 +139,6 @@ def _gold_rows(mentions: Sequence[MentionRecord], entities: Sequence[EntityRecor
     return torch.tensor([row[m.answer] for m in mentions], dtype=torch.long)
 
 
-def string_match_scores(mentions: Sequence[MentionRecord], entities: Sequence[EntityRecord]) -> torch.Tensor:
-    """(M, E) float32 tiered string-match scores (dense: for small data; see `string_match_ranks`)."""
-    return StringMatcher(entities).scores(mentions)
-
-
 def string_match_ranks(mentions: Sequence[MentionRecord], entities: Sequence[EntityRecord],
                        gold: Sequence[int] | torch.Tensor | None = None, block: int = 1024) -> torch.Tensor:
     """(M,) long pessimistic ranks of the gold entities, scoring `block` mentions at a time.

@@ -124,7 +124,7 @@ def prepare_image(
     return None, IMAGE_UNREADABLE if found else IMAGE_MISSING
 
 
-def _prepare_job(job: tuple[ImageSource, int, int]) -> tuple[bytes | None, str]:
+def prepare_job(job: tuple[ImageSource, int, int]) -> tuple[bytes | None, str]:
     """`prepare_image` over one tuple (a top-level function, so a process pool can pickle it)."""
     return prepare_image(*job)
 

@@ -21,7 +21,6 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-import otmel
 from otmel.data.images import (
     IMAGE_MISSING,
     IMAGE_NONE,
@@ -30,11 +29,12 @@ from otmel.data.images import (
     JPEG_QUALITY,
     MAX_SIDE,
     ImageSource,
-    _prepare_job,
+    prepare_job,
 )
 from otmel.data.manifest import KG, MANIFEST, SCHEMA, SCHEMA_VERSION, write_manifest
 from otmel.data.readers import SPLITS, BadRecordsError, Format, RawDataset, check_answers, read_dataset
 from otmel.data.shards import ShardInfo, ShardSetWriter
+from otmel.version import __version__
 
 _OWN_FILES = re.compile(
     r"^(?:(?:train|dev|test|kg)-\d{6}\.tar|\.(?:train|dev|test|kg)-\d{6}\.tar\.tmp-\d+|\.manifest\.json\.tmp-\d+)$"
@@ -135,7 +135,7 @@ def write_shards(
     manifest: dict[str, Any] = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
-        "otmel_version": otmel.__version__,
+        "otmel_version": __version__,
         "source": ds.source,
         "format": fmt,
         "split_seed": split_seed,
@@ -164,8 +164,8 @@ def _images(
     """Normalised images for `sources`, in order (in the pool when there is one)."""
     jobs = ((s, *opts) for s in sources)
     if pool is None:
-        return map(_prepare_job, jobs)
-    return pool.imap(_prepare_job, jobs, chunksize=16)
+        return map(prepare_job, jobs)
+    return pool.imap(prepare_job, jobs, chunksize=16)
 
 
 def _bar(total: int, desc: str, progress: bool) -> tqdm:

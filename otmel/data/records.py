@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from otmel.data.images import ImageRef
 
@@ -48,7 +48,7 @@ class BadRecordsError(ValueError):
     """Raised (by `pack`, or `RawDataset.raise_if_bad`) when the input holds bad records."""
 
     def __init__(self, bad: list[BadRecord], limit: int = 100) -> None:
-        self.bad = list(bad)
+        self.bad, self.limit = list(bad), limit
         by_file: dict[str, list[BadRecord]] = {}
         for rec in self.bad:
             by_file.setdefault(rec.file, []).append(rec)
@@ -61,6 +61,9 @@ class BadRecordsError(ValueError):
             f"{len(self.bad)} bad record(s) (fix them, or pass --skip-bad / skip_bad=True to skip and count "
             "them):\n  " + "\n  ".join(parts)
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickles (a Ray worker's error reaches the driver whole)
+        return type(self), (self.bad, self.limit)
 
 
 @dataclass

@@ -35,38 +35,38 @@ processes in any order and the output is byte-identical. Files are written to a 
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing as mp
 import os
 import random
 import re
 import time
 from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-from otmel.data.synth_draw import (
-    ALL_OBJECTS,
-    COLOUR_SYNONYMS,
-    SHAPE_SYNONYMS,
-    Obj,
-    RenderJob,
-    render_jobs,
-    write_atomic,
+from otmel.data.synth_draw import ALL_OBJECTS, Obj, RenderJob, render_jobs, write_atomic
+from otmel.data.synth_plan import (
+    BASE_ENTITIES,
+    BASE_MENTIONS,
+    KINDS,
+    P_MENTION_NO_IMAGE,
+    P_NIL,
+    SPLITS,
+    SynthEntity,
+    SynthMention,
+    SynthPlan,
+    article,
+    draw_names,
+    object_phrase,
+    split_mentions,
+    surface_form,
 )
+from otmel.data.synth_sets import build_sets_plan
+from otmel.data.synth_stats import plan_stats
 
-BASE_ENTITIES = 2000
-BASE_MENTIONS = 3000
-SPLITS = (("train", 0.7), ("dev", 0.1), ("test", 0.2))
 GROUP_SIZES = ((1, 0.10), (2, 0.15), (3, 0.25), (4, 0.25), (5, 0.25))
-KINDS = ("emblem", "banner", "badge", "mural", "poster", "tile", "crest", "flag", "sticker", "quilt",
-         "mosaic", "sign")
 P_ENTITY_NO_IMAGE = 0.03
-P_MENTION_NO_IMAGE = 0.03
-P_NIL = 0.02
 P_DISTRACTOR = 0.4
-P_SYNONYM = 0.25
 NOT_AN_IMAGE = b"<html><body>404 Not Found</body></html>\n"
 _KB_FILE = re.compile(r"^Q\d+\.jpg$")
 _MENTION_FILE = re.compile(r"^synth-\d+\.jpg$")
@@ -82,81 +82,9 @@ _WITH_OBJECTS = (
 _NO_OBJECTS = ("A photo of {m}.", "{m} was seen again yesterday.", "Another picture of {m} from the archive.")
 
 
-@dataclass(frozen=True)
-class SynthEntity:
-    qid: str
-    name: str
-    kind: str
-    objects: tuple[Obj, ...]  # what its picture shows and its attributes name, in that order
-    has_image: bool
-    group: int  # index of its name group
-
-
-@dataclass(frozen=True)
-class SynthMention:
-    id: str
-    split: str
-    mention: str
-    sentence: str
-    answer: str  # QID or "nil"
-    objects: tuple[Obj, ...]  # what its picture shows (gold objects, maybe a distractor), in drawing order
-    named: tuple[Obj, ...]  # the objects its sentence names
-    image: str  # "ok", "missing" (no file) or "bad" (a file that is not an image)
-    salient: Obj | None = None  # drawn larger in the picture (the "sets" mode, `otmel.data.synth_sets`)
-
-
-@dataclass
-class SynthPlan:
-    seed: int
-    entities: list[SynthEntity]
-    mentions: list[SynthMention]
-
-
 def attr_text(e: SynthEntity) -> str:
     """The entity's attribute string: its kind, then one "has a <colour> <shape>" per object."""
-    return ". ".join([f"kind: {e.kind}"] + [f"has {_article(c)} {c} {s}" for c, s in e.objects])
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
-def _words(rng: random.Random, n: int, taken: set[str]) -> list[str]:
-    """n distinct made-up capitalised words (two syllables, optional coda) not in `taken`."""
-    onsets = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "th",
-              "sh")
-    vowels = ("a", "e", "i", "o", "u", "ai", "ou")
-    codas = ("", "", "n", "r", "s", "l", "th", "x", "k")
-    out: list[str] = []
-    while len(out) < n:
-        w = (rng.choice(onsets) + rng.choice(vowels) + rng.choice(onsets) + rng.choice(vowels)
-             + rng.choice(codas)).capitalize()
-        if w.lower() not in taken:
-            taken.add(w.lower())
-            out.append(w)
-    return out
-
-
-def _names(rng: random.Random, n: int) -> list[str]:
-    """n distinct names: 85% "First Last", 10% "First", 5% "First Middle Last". Tokens are reused across
-    names (~sqrt(n) distinct first and last tokens), so partial surface forms match several groups."""
-    taken = {w.lower() for w in KINDS} | set(COLOUR_SYNONYMS) | set(SHAPE_SYNONYMS)
-    pool = max(30, math.ceil(1.6 * math.sqrt(n)))
-    firsts, lasts = _words(rng, pool, taken), _words(rng, pool, taken)
-    names: list[str] = []
-    seen: set[str] = set()
-    while len(names) < n:
-        u = rng.random()
-        if u < 0.10:
-            name = rng.choice(firsts)
-        elif u < 0.95:
-            name = f"{rng.choice(firsts)} {rng.choice(lasts)}"
-        else:
-            name = f"{rng.choice(firsts)} {rng.choice(firsts)} {rng.choice(lasts)}"
-        if name not in seen:
-            seen.add(name)
-            names.append(name)
-    return names
+    return ". ".join([f"kind: {e.kind}"] + [f"has {article(c)} {c} {s}" for c, s in e.objects])
 
 
 def _group_objects(rng: random.Random, k: int) -> list[tuple[Obj, ...]]:
@@ -175,37 +103,6 @@ def _group_objects(rng: random.Random, k: int) -> list[tuple[Obj, ...]]:
         rng.shuffle(objs)
         sets.append(tuple(objs))
     return sets
-
-
-def _surface(rng: random.Random, name: str, kind: str) -> str:
-    """The mention's surface form for an entity called `name`: mostly the exact name."""
-    toks = name.split()
-    u = rng.random()
-    if u < 0.70 or (len(toks) == 1 and u < 0.88):
-        return name
-    if u < 0.76:
-        return rng.choice((name.lower(), name.upper(), "  ".join(toks)))
-    if u < 0.84:
-        return toks[-1]
-    if u < 0.88:
-        return toks[0]
-    if u < 0.93:
-        return f"{name} {kind}"
-    t = rng.randrange(len(toks))  # a one-letter typo in one token
-    w = toks[t]
-    i = rng.randrange(1, len(w))
-    toks[t] = w[:i] + rng.choice("aeiouy".replace(w[i].lower(), "")) + w[i + 1:]
-    return " ".join(toks)
-
-
-def _phrase(rng: random.Random, objs: Iterable[Obj]) -> str:
-    """ "a crimson circle, a blue box and an emerald star": objects with occasional synonyms."""
-    parts = []
-    for c, s in objs:
-        cw = rng.choice(COLOUR_SYNONYMS[c]) if rng.random() < P_SYNONYM else c
-        sw = rng.choice(SHAPE_SYNONYMS[s]) if rng.random() < P_SYNONYM else s
-        parts.append(f"{_article(cw)} {cw} {sw}")
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 def _named_objects(rng: random.Random, gold: tuple[Obj, ...], core: set[Obj]) -> tuple[Obj, ...]:
@@ -235,7 +132,7 @@ def build_plan(seed: int = 0, scale: float = 1.0, n_mentions: int | None = None)
     while sum(sizes) < n_ent:
         sizes.append(rng.choices([s for s, _ in GROUP_SIZES], [p for _, p in GROUP_SIZES])[0])
     sizes[-1] -= sum(sizes) - n_ent
-    names = _names(rng, len(sizes) + max(3, n_men // 20))  # the tail names nil mentions
+    names = draw_names(rng, len(sizes) + max(3, n_men // 20))  # the tail names nil mentions
     entities: list[SynthEntity] = []
     for g, k in enumerate(sizes):
         kind = rng.choice(KINDS)
@@ -259,7 +156,7 @@ def build_plan(seed: int = 0, scale: float = 1.0, n_mentions: int | None = None)
             gold = rng.choice(entities)
             group = members[gold.group]
             core = set.intersection(*(set(e.objects) for e in group)) if len(group) > 1 else set()
-            surface, kind, answer = _surface(rng, gold.name, gold.kind), gold.kind, gold.qid
+            surface, kind, answer = surface_form(rng, gold.name, gold.kind), gold.kind, gold.qid
             named = _named_objects(rng, gold.objects, core)
             shown_list = list(gold.objects)
             if rng.random() < P_DISTRACTOR:
@@ -268,7 +165,7 @@ def build_plan(seed: int = 0, scale: float = 1.0, n_mentions: int | None = None)
             rng.shuffle(shown_list)
             shown = tuple(shown_list)
         if named:
-            sentence = rng.choice(_WITH_OBJECTS).format(m=surface, o=_phrase(rng, named), k=kind)
+            sentence = rng.choice(_WITH_OBJECTS).format(m=surface, o=object_phrase(rng, named), k=kind)
         else:
             sentence = rng.choice(_NO_OBJECTS).format(m=surface)
         image = "ok"
@@ -279,16 +176,6 @@ def build_plan(seed: int = 0, scale: float = 1.0, n_mentions: int | None = None)
     return SynthPlan(seed, entities, split_mentions(rng, mentions, SPLITS))
 
 
-def split_mentions(rng: random.Random, mentions: list[SynthMention], splits: tuple[tuple[str, float], ...]
-                   ) -> list[SynthMention]:
-    """A random split by the fractions of `splits` (train, dev, rest: test)."""
-    n = len(mentions)
-    order = rng.sample(range(n), n)
-    n_train, n_dev = round(splits[0][1] * n), round(splits[1][1] * n)
-    split_of = {i: "train" if k < n_train else "dev" if k < n_train + n_dev else "test" for k, i in enumerate(order)}
-    return [replace(m, split=split_of[i]) for i, m in enumerate(mentions)]
-
-
 MODES = ("standard", "sets")
 
 
@@ -297,11 +184,8 @@ def plan_for(mode: str, seed: int, scale: float, mentions: int | None = None) ->
     if mode == "standard":
         return build_plan(seed, scale, mentions)
     if mode == "sets":
-        from otmel.data.synth_sets import build_sets_plan
-
         if mentions is not None:
             raise ValueError("--mentions applies to the standard mode only")
-
         return build_sets_plan(seed, scale)
     raise ValueError(f"unknown synth mode {mode!r}; known: {list(MODES)}")
 
@@ -338,8 +222,6 @@ def generate(out: Path | str, *, seed: int = 0, scale: float = 1.0, image_size: 
     kb_dir, men_dir = out / "kb_image", out / "mention_image"
     kb_dir.mkdir(parents=True, exist_ok=True)
     men_dir.mkdir(parents=True, exist_ok=True)
-    from otmel.data.synth_stats import plan_stats
-
     plan = plan_for(mode, seed, scale, mentions)
     t_plan = time.perf_counter() - t0
 

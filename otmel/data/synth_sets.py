@@ -13,7 +13,7 @@ element take part. This mode builds a KG in which concentrating on one element c
 - Its sentence names all 4 objects (salient first, the rest shuffled, 25% synonyms as usual): text carries the
   set too, so both the textual and the visual matcher can only succeed by comparing sets.
 - Surface forms, nil mentions (2%), missing / unreadable images (3%) and the 70/10/20 split are as in the
-  standard mode (`otmel.data.synth`), from the same helpers.
+  standard mode (`otmel.data.synth`), from the same helpers (`otmel.data.synth_plan`).
 
 The parameters above (group size 4, one salient object, 1.5x salient radius, all objects named, no distractor)
 were fixed before any model was trained on this mode (docs/results.md records them with the outcome).
@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import random
 
-from otmel.data.synth import (
+from otmel.data.synth_draw import ALL_OBJECTS
+from otmel.data.synth_plan import (
     BASE_ENTITIES,
     BASE_MENTIONS,
     KINDS,
@@ -33,12 +34,11 @@ from otmel.data.synth import (
     SynthEntity,
     SynthMention,
     SynthPlan,
-    _names,
-    _phrase,
-    _surface,
+    draw_names,
+    object_phrase,
     split_mentions,
+    surface_form,
 )
-from otmel.data.synth_draw import ALL_OBJECTS
 
 GROUP = 4  # members per name group = pool objects per group; each member shows 1 salient + GROUP - 1 objects
 SALIENT_SCALE = 1.5  # radius of the salient object in a mention picture, relative to the others
@@ -57,7 +57,7 @@ def build_sets_plan(seed: int = 0, scale: float = 1.0) -> SynthPlan:
     rng = random.Random(seed)
     n_groups = max(5, round(BASE_ENTITIES * scale / GROUP))
     n_men = max(30, round(BASE_MENTIONS * scale))
-    names = _names(rng, n_groups + max(3, n_men // 20))  # the tail names nil mentions
+    names = draw_names(rng, n_groups + max(3, n_men // 20))  # the tail names nil mentions
     entities: list[SynthEntity] = []
     for g in range(n_groups):
         kind = rng.choice(KINDS)
@@ -78,11 +78,11 @@ def build_sets_plan(seed: int = 0, scale: float = 1.0) -> SynthPlan:
             shown = tuple(rng.sample(ALL_OBJECTS, GROUP))
         else:
             gold = rng.choice(entities)
-            surface, kind, answer, shown = _surface(rng, gold.name, gold.kind), gold.kind, gold.qid, gold.objects
+            surface, kind, answer, shown = surface_form(rng, gold.name, gold.kind), gold.kind, gold.qid, gold.objects
         salient, *rest = shown
         rng.shuffle(rest)
         named = (salient, *rest)
-        sentence = rng.choice(_SENTENCES).format(m=surface, o=_phrase(rng, named), k=kind)
+        sentence = rng.choice(_SENTENCES).format(m=surface, o=object_phrase(rng, named), k=kind)
         image = "ok"
         if rng.random() < P_MENTION_NO_IMAGE:
             image = "bad" if rng.random() < 0.25 else "missing"

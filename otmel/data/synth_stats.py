@@ -1,10 +1,11 @@
-"""Counts and ambiguity measures of a synthetic benchmark plan (`otmel.data.synth`), written to synth_stats.json."""
+"""Counts and ambiguity measures of a synthetic benchmark plan (`otmel.data.synth_plan.SynthPlan`), written to
+synth_stats.json."""
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from otmel.data.synth import SPLITS, SynthEntity, SynthPlan
+from otmel.data.synth_plan import SPLITS, SynthEntity, SynthPlan
 
 
 def _norm(text: str) -> str:

@@ -25,7 +25,6 @@ for an index larger than RAM.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -277,7 +276,3 @@ def _drop_dead(s: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def torch_query(q: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(q.detach().float().cpu().numpy())
-
-
-def ann_file_size(folder: Path) -> int:
-    return sum(os.path.getsize(f) for f in folder.glob("ann-*"))

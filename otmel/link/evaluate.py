@@ -24,18 +24,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import default_collate
 
 from otmel.checkpoints import LoadedCheckpoint, load_checkpoint_model
 from otmel.data.manifest import read_manifest, shard_infos
 from otmel.data.shards import iter_shard
-from otmel.link.index import EntityIndex, load_or_build
+from otmel.link.index import EntityIndex
+from otmel.link.index_build import load_or_build
+from otmel.link.linker import check_options
+from otmel.link.ranking import first_stage_chunks, rerank, retrieve, score_all, top_k
 from otmel.metrics import gold_ranks, metrics_from_ranks
 from otmel.model import EntityFeatures, MentionFeatures
 from otmel.model.encoder import build_preprocessor
-from otmel.model.first_stage import FirstStage, first_stage_scores, full_scores, stable_topk, two_stage
+from otmel.model.first_stage import FirstStage, FirstStageQuery, mention_queries, stable_topk
 
 
 def read_split(shards: str | Path, split: str, pre: Any, *, limit: int | None = None, seed: int = 0
@@ -92,29 +94,13 @@ def term_scores(full: dict[str, torch.Tensor], m: MentionFeatures, e: EntityFeat
     return out
 
 
-def _two_stage_ranks(S: torch.Tensor, cand: torch.Tensor, cheap: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
-    """Gold ranks in the two-stage ranking (module docstring). S (B, K) full scores of cand (B, K), cheap (B, E)."""
-    neg = float("-inf")
-    in_cand = cand == gold.unsqueeze(1)  # (B, K)
-    S = torch.nan_to_num(S, nan=float("inf"))
-    gold_s = torch.where(in_cand, S, neg).amax(1)
-    rank_in = 1 + ((gold_s.unsqueeze(1) <= S) & ~in_cand).sum(1)
-    cheap = torch.nan_to_num(cheap, nan=float("inf"))
-    is_cand = torch.zeros_like(cheap, dtype=torch.bool).scatter_(1, cand, True)
-    gold_c = cheap.gather(1, gold.unsqueeze(1))
-    others = ~is_cand
-    others.scatter_(1, gold.unsqueeze(1), False)
-    rank_out = cand.shape[1] + 1 + ((cheap >= gold_c) & others).sum(1)
-    return torch.where(in_cand.any(1), rank_in, rank_out)
-
-
 @torch.no_grad()
-def run_exhaustive(loaded: LoadedCheckpoint, m: MentionFeatures, e: EntityFeatures, gold: torch.Tensor, *,
+def run_exhaustive(loaded: LoadedCheckpoint, m: MentionFeatures, index: EntityIndex, gold: torch.Tensor, *,
                    chunk: int = 16, sweep_ks: Sequence[int] = (), sweep_first_stages: Sequence[str] = (),
                    terms: bool = False) -> dict[str, Any]:
-    """Full-model scores of every mention against every entity (chunks of `chunk` mentions): gold ranks,
-    top-1, the sweep (two-stage outcome per first stage and K, derived from these scores) and, with `terms`,
-    the gold ranks by each score term alone (`term_ranks`)."""
+    """Full-model scores of every mention against every stored entity (`ranking.score_all`, the linker's exhaustive
+    mode; chunks of `chunk` mentions): gold ranks, top-1, the sweep (two-stage outcome per first stage and K,
+    derived from these scores) and, with `terms`, the gold ranks by each score term alone (`term_ranks`)."""
     model = loaded.model
     ranks, top1, secs = [], [], 0.0
     kmax = max(sweep_ks, default=0)
@@ -123,95 +109,78 @@ def run_exhaustive(loaded: LoadedCheckpoint, m: MentionFeatures, e: EntityFeatur
     for s in range(0, len(m), chunk):
         mc, g = m.select(slice(s, s + chunk)), gold[s:s + chunk]
         t0 = time.perf_counter()
-        full = full_scores(model, mc, e)
-        S = full["S_O"].float()
-        if S.is_cuda:
-            torch.cuda.synchronize(S.device)
+        parts = list(score_all(model, index, mc))
+        S = torch.cat([sc["S_O"] for _, _, sc in parts], 1).float()  # (B, rows)
         secs += time.perf_counter() - t0
         ranks.append(gold_ranks(S, g))
         if terms and not model.cfg.cls_only:
-            for name, T in term_scores(full, mc, e).items():
-                term_ranks.setdefault(name, []).append(gold_ranks(T.float(), g))
-        top1.append(torch.nan_to_num(S, nan=float("-inf")).argmax(1))  # first maximum = lowest row
+            per_term: dict[str, list[torch.Tensor]] = {}
+            for _, e, sc in parts:
+                for name, T in term_scores(sc, mc, e).items():
+                    per_term.setdefault(name, []).append(T.float().cpu())
+            for name, Ts in per_term.items():
+                term_ranks.setdefault(name, []).append(gold_ranks(torch.cat(Ts, 1), g))
+        top1.append(stable_topk(S, 1)[1][:, 0])  # ties: the lower row
         for f in sweep_first_stages:
-            _, cand = stable_topk(first_stage_scores(model, mc, e, f), kmax)  # type: ignore[arg-type]
+            q = mention_queries(model, mc, f)  # type: ignore[arg-type]
+            cheap = torch.cat([sc for _, sc in first_stage_chunks(index, q)], 1)
+            _, cand = stable_topk(cheap, kmax)
             for k in sweep_ks:
                 c = cand[:, :k].sort(1).values
-                sweep[f][k].append(c.gather(1, torch.nan_to_num(S.gather(1, c), nan=float("-inf")).argmax(1, True))
-                                   .squeeze(1))
+                sweep[f][k].append(c.gather(1, stable_topk(S.gather(1, c), 1)[1]).squeeze(1))
     out: dict[str, Any] = {"ranks": torch.cat(ranks), "top1": torch.cat(top1), "seconds": secs}
     out["sweep_top1"] = {f: {k: torch.cat(v) for k, v in d.items()} for f, d in sweep.items()}
     out["term_ranks"] = {k: torch.cat(v) for k, v in term_ranks.items()}
     return out
 
 
+def _first_stage_beyond(index: EntityIndex, query: FirstStageQuery, gold: torch.Tensor, cand: torch.Tensor
+                        ) -> torch.Tensor:
+    """For each mention: the live non-candidate rows whose exact first-stage score is >= the gold's (the gold
+    itself not counted). Two streaming passes over the stored vectors: the gold's score, then the count."""
+    gold_s = torch.full((len(gold),), float("nan"))
+    for rows, sc in first_stage_chunks(index, query):
+        inside = (gold >= rows[0]) & (gold <= rows[-1])
+        gold_s[inside] = sc[inside].gather(1, (gold[inside] - rows[0]).unsqueeze(1)).squeeze(1)
+    beyond = torch.zeros(len(gold), dtype=torch.long)
+    for rows, sc in first_stage_chunks(index, query):
+        hit = (sc >= gold_s.unsqueeze(1)) & (rows.unsqueeze(0) != gold.unsqueeze(1))
+        local = cand - int(rows[0])  # the candidates' columns in this chunk
+        inside = (cand >= 0) & (local >= 0) & (local < len(rows))
+        is_cand = torch.zeros_like(hit).scatter_(1, torch.where(inside, local, 0), inside)
+        beyond += (hit & ~is_cand).sum(1)
+    return beyond
+
+
 @torch.no_grad()
-def run_two_stage(loaded: LoadedCheckpoint, m: MentionFeatures, e: EntityFeatures, gold: torch.Tensor, *,
-                  candidates: int, first_stage: FirstStage = "summary", chunk: int = 64) -> dict[str, Any]:
-    """Retrieve + re-rank every mention; gold ranks, top-1 and the time of each stage."""
+def run_two_stage(loaded: LoadedCheckpoint, m: MentionFeatures, index: EntityIndex, gold: torch.Tensor, *,
+                  candidates: int, first_stage: FirstStage = "summary", chunk: int = 64,
+                  search: dict[str, int] | None = None) -> dict[str, Any]:
+    """Retrieve + re-rank every mention exactly as the linker does (`ranking.retrieve` / `ranking.rerank`: the
+    index's own first stage, its ANN when it has one), with the time of each stage. Gold ranks (rank 1 = best,
+    ties pessimistic): a candidate gold is 1 + #{other candidates with S_O >= its S_O}; a gold outside the
+    candidates ranks after them, by its exact first-stage score among the other live rows."""
+    model = loaded.model
     ranks, top1 = [], []
     t_first = t_total = 0.0
     for s in range(0, len(m), chunk):
         mc, g = m.select(slice(s, s + chunk)), gold[s:s + chunk]
         t0 = time.perf_counter()
-        cheap, cand, sc = two_stage(loaded.model, mc, e, candidates, first_stage)
-        t_total += time.perf_counter() - t0
-        t0 = time.perf_counter()  # first stage timed alone (recomputed: a small fraction of the total)
-        _, c2 = stable_topk(first_stage_scores(loaded.model, mc, e, first_stage), candidates)
+        cand = retrieve(model, index, mc, candidates, first_stage, search)
         t_first += time.perf_counter() - t0
-        S = sc["S_O"].float()
-        ranks.append(_two_stage_ranks(S, cand, cheap.float(), g))
-        top1.append(cand.gather(1, torch.nan_to_num(S, nan=float("-inf")).argmax(1, keepdim=True)).squeeze(1))
-    return {"ranks": torch.cat(ranks), "top1": torch.cat(top1), "seconds": t_total, "seconds_first_stage": t_first}
-
-
-@torch.no_grad()
-def run_two_stage_index(loaded: LoadedCheckpoint, m: MentionFeatures, index: EntityIndex, gold: torch.Tensor, *,
-                        candidates: int, first_stage: FirstStage = "summary", chunk: int = 64,
-                        search: dict[str, int] | None = None) -> dict[str, Any]:
-    """Two-stage through the index's own first stage (its ANN when it has one), features read from the store.
-    A gold entity outside the candidates is ranked after them by its exact first-stage score (one streaming
-    pass over the stored vectors per chunk of mentions)."""
-    from otmel.model.first_stage import mention_queries, rerank
-
-    ranks, top1 = [], []
-    t_first = t_total = 0.0
-    for s in range(0, len(m), chunk):
-        mc, g = m.select(slice(s, s + chunk)), gold[s:s + chunk]
-        t0 = time.perf_counter()
-        q = mention_queries(loaded.model, mc, first_stage)
-        cheap_k, cand = index.search(q, candidates, **(search or {}))
-        t_first += time.perf_counter() - t0
-        cand = torch.where(cand < 0, cand.max(1, keepdim=True).values, cand)  # pad (tiny KGs) with a repeat
-        cand, order = cand.sort(1)
-        cheap_k = cheap_k.gather(1, order)
-        rows = torch.unique(cand)
-        e = index.gather(rows)
-        pos = torch.searchsorted(rows, cand)
-        S = rerank(loaded.model, mc, e, pos)["S_O"].float()
+        S = rerank(model, index, mc, cand)["S_O"].float()
         t_total += time.perf_counter() - t0
-        gold_cheap = torch.from_numpy(
-            (q.q.numpy() * index.vectors(g.numpy())).sum(1)
-            / (q.base.numpy() + q.image.numpy() * index.has_image(g.numpy()).astype("float32")))
-        beyond = torch.zeros(len(g), dtype=torch.long)
-        for j, searcher in enumerate(index.searchers):  # non-candidates scoring >= the gold's
-            off = int(index.offsets[j])
-            for a in range(0, len(searcher.vectors), 262_144):
-                sc = torch.from_numpy(searcher.exact_scores(q.q.numpy(), q.base.numpy(), q.image.numpy(),
-                                                             slice(a, a + 262_144)))
-                r = torch.arange(off + a, off + a + sc.shape[1])
-                hit = (sc >= gold_cheap.unsqueeze(1)) & (r.unsqueeze(0) != g.unsqueeze(1))
-                if len(index.dead):
-                    hit &= ~torch.from_numpy(np.isin(r.numpy(), index.dead)).unsqueeze(0)
-                beyond += hit.sum(1)
-        beyond -= ((cheap_k >= gold_cheap.unsqueeze(1)) & (cand != g.unsqueeze(1))).sum(1)  # candidates: ranked above
-        beyond = beyond.clamp(min=0)
-        in_cand = cand == g.unsqueeze(1)
-        Sn = torch.nan_to_num(S, nan=float("inf"))
+        top1.append(top_k(cand, {"S_O": S}, 1)[0][:, 0])
+        in_cand = cand.rows == g.unsqueeze(1)  # (B, K)
+        Sn = torch.nan_to_num(S, nan=float("inf"))  # a NaN score counts above the gold (pessimistic)
         gold_s = torch.where(in_cand, Sn, float("-inf")).amax(1)
-        rank_in = 1 + ((gold_s.unsqueeze(1) <= Sn) & ~in_cand).sum(1)
-        ranks.append(torch.where(in_cand.any(1), rank_in, cand.shape[1] + 1 + beyond))
-        top1.append(cand.gather(1, torch.nan_to_num(S, nan=float("-inf")).argmax(1, keepdim=True)).squeeze(1))
+        rank = 1 + ((Sn >= gold_s.unsqueeze(1)) & ~in_cand & cand.valid).sum(1)
+        miss = ~in_cand.any(1)
+        if miss.any():
+            n_cand = cand.valid.sum(1)[miss]
+            beyond = _first_stage_beyond(index, cand.query.select(miss), g[miss], cand.rows[miss])
+            rank[miss] = n_cand + 1 + beyond
+        ranks.append(rank)
     return {"ranks": torch.cat(ranks), "top1": torch.cat(top1), "seconds": t_total, "seconds_first_stage": t_first}
 
 
@@ -251,6 +220,9 @@ def evaluate(
     agreement between the modes (when both run). `index`: reuse an entity index (its checkpoint and KG must
     match) instead of encoding the KG. `terms`: the exhaustive pass also reports the metrics of ranking by each score
 term alone (`TERM_NAMES`). Per-mention results are under `"per_mention"`."""
+    for mode in modes:
+        check_options(mode=mode)
+    check_options(candidates=candidates, first_stage=first_stage)  # the linker's rules, before anything loads
     loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint_model(checkpoint)
     torch.set_flush_denormal(True)
     t0 = time.perf_counter()
@@ -270,8 +242,6 @@ term alone (`TERM_NAMES`). Per-mention results are under `"per_mention"`."""
     m = encode_mentions(loaded, batch)
     t_m = time.perf_counter() - t0
     gold = gold_rows(idx, batch, metas)
-    ann = idx.params.kind != "exact"
-    e = idx.features if (not ann or "exhaustive" in modes) else None  # every row in RAM: small KGs only
     out: dict[str, Any] = {
         "checkpoint": str(loaded.path), "sha256": loaded.sha256, "variant": loaded.config.variant,
         "shards": str(shards), "split": split, "mentions": len(gold), "entities": len(idx), "limit": limit,
@@ -282,23 +252,15 @@ term alone (`TERM_NAMES`). Per-mention results are under `"per_mention"`."""
     runs: dict[str, dict[str, Any]] = {}
     for mode in modes:
         if mode == "exhaustive":
-            assert e is not None
-            r = run_exhaustive(loaded, m, e, gold, sweep_ks=sweep_ks, sweep_first_stages=sweep_first_stages,
+            r = run_exhaustive(loaded, m, idx, gold, sweep_ks=sweep_ks, sweep_first_stages=sweep_first_stages,
                                terms=terms)
             info: dict[str, Any] = {}
             if r["term_ranks"]:
                 info["terms"] = {k: metrics_from_ranks(v) for k, v in r["term_ranks"].items()}
         elif mode == "two-stage":
-            if ann or not idx.pristine:
-                r = run_two_stage_index(loaded, m, idx, gold, candidates=candidates, first_stage=first_stage,
-                                        search=search)
-            else:
-                assert e is not None
-                r = run_two_stage(loaded, m, e, gold, candidates=candidates, first_stage=first_stage)
+            r = run_two_stage(loaded, m, idx, gold, candidates=candidates, first_stage=first_stage, search=search)
             info = {"candidates": candidates, "first_stage": first_stage,
                     "seconds_first_stage": r["seconds_first_stage"]}
-        else:
-            raise ValueError(f"unknown mode {mode!r}; choose from exhaustive, two-stage")
         runs[mode] = r
         out["modes"][mode] = {"metrics": metrics_from_ranks(r["ranks"]), "seconds": r["seconds"],
                               "ms_per_mention": 1e3 * r["seconds"] / len(gold), **info}

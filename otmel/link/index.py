@@ -256,23 +256,3 @@ class EntityIndex:
             best_s, best_r = merge_topk(best_s, best_r, s, np.where(r >= 0, r + off, -1), k)
         best_r = np.where(np.isneginf(best_s), -1, best_r)
         return torch.from_numpy(best_s), torch.from_numpy(best_r)
-
-    def describe(self) -> str:
-        p = self.params
-        knobs = {"exact": "", "hnsw": f" (M {p.hnsw_m}, efSearch {p.ef_search})",
-                 "ivfpq": f" (nlist {self.meta['ann'].get('nlist_built', p.nlist)}, nprobe {p.nprobe})"}[p.kind]
-        return (f"{len(self)} entities in {len(self.segments)} segment(s), {len(self.dead)} removed, "
-                f"generation {self.generation}, first stage {p.kind}{knobs}")
-
-
-def load_or_build(index: str | Path | None, kg: str | Path | None, loaded: Any, *, workers: int = 0,
-                  progress: bool = False) -> EntityIndex:
-    """An index for `loaded`: read from `index` (hash checked) or encoded from the KG shards `kg`."""
-    from otmel.checkpoints import CheckpointError
-    from otmel.link.index_build import build_index
-
-    if index is not None:
-        return EntityIndex.load(index, loaded.sha256, loaded.path)
-    if kg is None:
-        raise CheckpointError("give an index (`otmel index` output) or the KG shards to encode")
-    return build_index(loaded, kg, workers=workers, progress=progress)

@@ -2,7 +2,8 @@
 features into a store segment, then build the segment's first-stage index and write the manifest.
 
 A shard's features are the only ones in RAM at a time (per actor, plus the one being written): the KG's
-features are never held whole. `workers=0` encodes in this process; the result is the same.
+features are never held whole. `workers=0` encodes in this process; the result is the same. `load_or_build`
+gives a linker its index: read from a folder, or built from the KG shards.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
-from otmel import __version__
-from otmel.checkpoints import LoadedCheckpoint, load_checkpoint_model
+from otmel.checkpoints import CheckpointError, LoadedCheckpoint, load_checkpoint_model
 from otmel.data.manifest import KG, read_manifest, shard_infos
 from otmel.data.shards import ShardInfo, iter_shard
 from otmel.io import atomic_json
@@ -31,6 +31,7 @@ from otmel.link.store import SegmentWriter, StoreError
 from otmel.model import EntityFeatures
 from otmel.model.encoder import build_preprocessor
 from otmel.model.first_stage import entity_vectors
+from otmel.version import __version__
 
 
 def _batches(samples: Iterator[dict[str, Any]], pre: Any, batch_size: int) -> Iterator[tuple[dict, list[dict]]]:
@@ -200,7 +201,7 @@ def build_index(
         meta["build"] = {"workers": workers, "batch_size": batch_size, "seconds": time.perf_counter() - t0,
                          "encode_seconds": t_enc, "ann_seconds": ann_meta["seconds"]}
         atomic_json(tmp / META_FILE, meta, ensure_ascii=False)
-        _share(tmp)
+        share_files(tmp)
         old = target.parent / f".{target.name}.old-{os.getpid()}"
         if target.exists():
             target.rename(old)
@@ -212,6 +213,16 @@ def build_index(
     if out is None:
         index._cleanup = weakref.finalize(index, shutil.rmtree, str(target.parent), True)
     return index
+
+
+def load_or_build(index: str | Path | None, kg: str | Path | None, loaded: LoadedCheckpoint, *, workers: int = 0,
+                  progress: bool = False) -> EntityIndex:
+    """An index for `loaded`: read from `index` (hash checked) or encoded from the KG shards `kg`."""
+    if index is not None:
+        return EntityIndex.load(index, loaded.sha256, loaded.path)
+    if kg is None:
+        raise CheckpointError("give an index (`otmel index` output) or the KG shards to encode")
+    return build_index(loaded, kg, workers=workers, progress=progress)
 
 
 def new_manifest(loaded: LoadedCheckpoint, seg: dict[str, Any], params: AnnParams) -> dict[str, Any]:
@@ -228,7 +239,7 @@ def new_manifest(loaded: LoadedCheckpoint, seg: dict[str, Any], params: AnnParam
     }
 
 
-def _share(folder: Path) -> None:
+def share_files(folder: Path) -> None:
     """Index files readable like a checkpoint (some writers create 0600 files)."""
     for p in folder.rglob("*"):
         p.chmod(0o755 if p.is_dir() else 0o644)

@@ -30,7 +30,7 @@ from otmel.checkpoints import LoadedCheckpoint, load_checkpoint_model
 from otmel.io import atomic_json
 from otmel.link.ann import AnnParams
 from otmel.link.index import META_FILE, EntityIndex, EntityIndexError, IndexMismatchError, kg_fingerprint
-from otmel.link.index_build import _share, encode_kg_segment, finish_segment
+from otmel.link.index_build import encode_kg_segment, finish_segment, share_files
 from otmel.link.store import SegmentWriter
 
 
@@ -114,7 +114,7 @@ def add_to_index(into: str | Path, kg: str | Path, checkpoint: str | Path | Load
             _refuse_duplicates(index, tmp)
             templates = index.searchers[0].templates() if index.params.kind == "ivfpq" else None
             ann = finish_segment(tmp, index.params, templates)
-            _share(tmp)
+            share_files(tmp)
             tmp.rename(path / name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -186,7 +186,7 @@ def compact_index(into: str | Path, *, ann: AnnParams | None = None, chunk: int 
                              [index.qid(int(r)) for r in rows], [index.name(int(r)) for r in rows])
             writer.close()
             ann_meta = finish_segment(tmp, params)
-            _share(tmp)
+            share_files(tmp)
             tmp.rename(path / name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

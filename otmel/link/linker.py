@@ -17,26 +17,38 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
 from otmel.checkpoints import LoadedCheckpoint, load_checkpoint_model
 from otmel.data.images import decode_image
-from otmel.link.index import EntityIndex, load_or_build
+from otmel.link.index import EntityIndex
+from otmel.link.index_build import load_or_build
+from otmel.link.ranking import MODES, exhaustive_top_k, top_k, two_stage
 from otmel.model import MentionFeatures
 from otmel.model.encoder import build_preprocessor
-from otmel.model.first_stage import FIRST_STAGES, SCORE_TERMS, FirstStage, full_scores, mention_queries, stable_topk
+from otmel.model.first_stage import FIRST_STAGES, SCORE_TERMS, FirstStage
 
-MODES: tuple[str, ...] = ("exhaustive", "two-stage")
 DEFAULT_CANDIDATES = 128
 
 ImageInput = str | Path | bytes | Image.Image | None
 
 
 class LinkInputError(ValueError):
-    """A mention cannot be linked as given (empty mention, unreadable image, bad option)."""
+    """A mention cannot be linked as given (empty mention, unreadable image, bad option); `field` names the input
+    (`mention`, `text`, `image`, `k`, `mode`, `candidates`, `first_stage`)."""
+
+    def __init__(self, message: str, field: str = "request", rule: str | None = None) -> None:
+        super().__init__(message)
+        self.field, self.rule = field, rule or message
+
+    @classmethod
+    def rule_broken(cls, field: str, rule: str) -> LinkInputError:
+        return cls(f"{field} {rule}", field, rule)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickles with its field and rule (Ray, multiprocessing)
+        return type(self), (str(self), self.field, self.rule)
 
 
 class MentionNotInTextWarning(UserWarning):
@@ -81,27 +93,46 @@ def _image_bytes(image: ImageInput) -> bytes | Image.Image | None:
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise LinkInputError(f"image {path}: cannot be read ({exc.strerror or exc})") from exc
+            raise LinkInputError(f"image {path}: cannot be read ({exc.strerror or exc})", "image") from exc
         where = str(path)
     elif isinstance(image, bytes | bytearray):
         data, where = bytes(image), f"<{len(image)} bytes>"
     else:
-        raise LinkInputError(f"image must be a path, bytes or a PIL image, got {type(image).__name__}")
+        raise LinkInputError(f"image must be a path, bytes or a PIL image, got {type(image).__name__}", "image")
     if decode_image(data) is None:
-        raise LinkInputError(f"image {where}: not a readable image (it does not decode as JPEG/PNG/...)")
+        raise LinkInputError(f"image {where}: not a readable image (it does not decode as JPEG/PNG/...)", "image")
     return data
 
 
 def check_mention(text: str, mention: str) -> None:
     """Raise for an empty mention; warn (`MentionNotInTextWarning`) when it does not occur in the text."""
     if not isinstance(mention, str) or not mention.strip():
-        raise LinkInputError("the mention is empty: give the surface form to link (e.g. --mention 'Ada')")
+        raise LinkInputError("the mention is empty: give the surface form to link (e.g. --mention 'Ada')", "mention")
     if not isinstance(text, str):
-        raise LinkInputError(f"the text must be a string, got {type(text).__name__}")
+        raise LinkInputError(f"the text must be a string, got {type(text).__name__}", "text")
     if " ".join(mention.split()).casefold() not in " ".join(text.split()).casefold():
         warnings.warn(MentionNotInTextWarning(
             f"the mention {mention!r} does not occur in the text; linking it with the text as its context anyway"
         ), stacklevel=3)
+
+
+def check_options(*, mode: str | None = None, k: Any = None, candidates: Any = None, first_stage: str | None = None,
+                  max_k: int | None = None) -> None:
+    """The one check of a link request's options, shared by the Python API, the CLI and the service (which adds
+    its `max_k`): `LinkInputError` naming the option and its rule. Options left None are not checked."""
+    if mode is not None and mode not in MODES:
+        raise LinkInputError.rule_broken("mode", f"must be one of {list(MODES)}")
+    for name, value in (("k", k), ("candidates", candidates)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise LinkInputError.rule_broken(name, f"must be an integer, got {type(value).__name__}")
+        top = max_k if name == "k" else None
+        if value < 1 or (top is not None and value > top):
+            raise LinkInputError.rule_broken(name, f"must be between 1 and {top}, got {value}" if top is not None
+                                             else f"must be >= 1, got {value}")
+    if first_stage is not None and first_stage not in FIRST_STAGES:
+        raise LinkInputError.rule_broken("first_stage", f"must be one of {list(FIRST_STAGES)}")
 
 
 class Linker:
@@ -114,7 +145,8 @@ class Linker:
         self.model = loaded.model.eval()
         self.pre = build_preprocessor(loaded.config)
         self.device = next(self.model.parameters()).device
-        self.mode, self.candidates, self.first_stage = self._options(mode, candidates, first_stage)
+        check_options(mode=mode, candidates=candidates, first_stage=first_stage)
+        self.mode, self.candidates, self.first_stage = mode, candidates, first_stage
         self.search: dict[str, int] = {}  # query-time ANN parameters (ef_search, nprobe, refine)
         torch.set_flush_denormal(True)
 
@@ -144,16 +176,6 @@ class Linker:
         return cls(loaded, load_or_build(index, kg, loaded, workers=workers), mode=mode, candidates=candidates,
                    first_stage=first_stage)
 
-    @staticmethod
-    def _options(mode: str, candidates: int, first_stage: str) -> tuple[str, int, FirstStage]:
-        if mode not in MODES:
-            raise LinkInputError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
-        if int(candidates) < 1:
-            raise LinkInputError(f"candidates must be >= 1, got {candidates}")
-        if first_stage not in FIRST_STAGES:
-            raise LinkInputError(f"unknown first stage {first_stage!r}; choose one of {list(FIRST_STAGES)}")
-        return mode, int(candidates), first_stage  # type: ignore[return-value]
-
     # -- mentions --------------------------------------------------------------------------------------
     def mention_batch(self, text: str, mention: str, image: ImageInput = None) -> dict[str, torch.Tensor]:
         """The model's input tensors for one mention (a batch of 1), after checking the input."""
@@ -176,33 +198,32 @@ class Linker:
         return self.rank(m, k=k, mode=mode, candidates=candidates)[0]
 
     def link_batch(self, queries: Sequence[LinkQuery]) -> list[list[LinkedEntity] | LinkInputError]:
-        """Many mentions at once: one encoder forward for all of them, one `rank` per mode. Each answer is its
+        """Many mentions at once: one encoder forward for all of them, one ranking per mode. Each answer is its
         top-k list or the `LinkInputError` that query alone raised (the others are still answered)."""
         out: list[list[LinkedEntity] | LinkInputError] = []
-        good: list[int] = []
+        good: list[tuple[int, str, int]] = []  # (query, mode, k) of the queries that passed the checks
         inputs: list[dict[str, torch.Tensor]] = []
         for i, q in enumerate(queries):
             try:
-                if q.mode is not None:
-                    self._options(q.mode, self.candidates, self.first_stage)
-                if q.k < 1:
-                    raise LinkInputError(f"k must be >= 1, got {q.k}")
+                mode = q.mode or self.mode
+                check_options(mode=mode, k=q.k)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", MentionNotInTextWarning)
                     inputs.append(self.mention_batch(q.text, q.mention, q.image))
-                good.append(i)
+                good.append((i, mode, q.k))
                 out.append([])
             except LinkInputError as exc:
                 out.append(exc)
         if not good:
             return out
-        m = self.encode({k: torch.cat([b[k] for b in inputs]) for k in inputs[0]})
-        for mode in {queries[i].mode or self.mode for i in good}:
-            pos = [j for j, i in enumerate(good) if (queries[i].mode or self.mode) == mode]
-            k = max(queries[good[j]].k for j in pos)
-            ranked = self.rank(m.select(torch.tensor(pos)), k=k, mode=mode)
+        m = self.encode({key: torch.cat([b[key] for b in inputs]) for key in inputs[0]})
+        index = self.index  # one generation for the whole batch
+        for mode in sorted({g[1] for g in good}):
+            pos = [j for j, g in enumerate(good) if g[1] == mode]
+            k = max(good[j][2] for j in pos)
+            ranked = self._rank(index, m.select(torch.tensor(pos)), k, mode, self.candidates, {})
             for j, hits in zip(pos, ranked, strict=True):
-                out[good[j]] = hits[: queries[good[j]].k]  # a prefix of a stable top-k is the smaller top-k
+                out[good[j][0]] = hits[: good[j][2]]  # a prefix of a stable top-k is the smaller top-k
         return out
 
     @torch.no_grad()
@@ -210,54 +231,33 @@ class Linker:
              **search: int | None) -> list[list[LinkedEntity]]:
         """Top-k entities of each mention of an encoded batch. `search`: ANN parameters for this call
         (`ef_search`, `nprobe`, `refine`; default the index's own)."""
-        mode, K, first = self._options(mode or self.mode, candidates or self.candidates, self.first_stage)
-        if k < 1:
-            raise LinkInputError(f"k must be >= 1, got {k}")
-        index = self.index  # one generation for the whole call, even if reload() runs meanwhile
+        mode, candidates = mode or self.mode, candidates or self.candidates
+        check_options(mode=mode, k=k, candidates=candidates)
+        return self._rank(self.index, m, k, mode, candidates, search)
+
+    def _rank(self, index: EntityIndex, m: MentionFeatures, k: int, mode: str, candidates: int,
+              search: dict[str, int | None]) -> list[list[LinkedEntity]]:
+        """`rank` with checked options, on one index generation (even if reload() runs meanwhile)."""
         k = min(k, len(index))
         if mode == "exhaustive":
-            return self._exhaustive(index, m, k)
-        cheap, cand = index.search(mention_queries(self.model, m, first), max(K, k), **{**self.search, **search})
-        out = []
-        for i in range(len(m)):
-            ok = cand[i] >= 0
-            rows, order = cand[i][ok].sort()  # row order: an exact tie in S_O goes to the lower row
-            e = index.gather(rows).to(self.device)
-            sc = full_scores(self.model, m.select(slice(i, i + 1)), e)
-            _, pos = stable_topk(sc["S_O"], k)
-            picked = {t: sc[t].gather(1, pos) for t in SCORE_TERMS if t in sc}
-            valid = sc["V_valid"].gather(1, pos) if "V_valid" in sc else None
-            first_s = cheap[i][ok][order].unsqueeze(0).gather(1, pos.cpu())
-            out.append(self._hits(index, 0, rows.unsqueeze(0).gather(1, pos.cpu()), picked, valid, first_s))
-        return out
-
-    def _exhaustive(self, index: EntityIndex, m: MentionFeatures, k: int, chunk: int = 4096
-                    ) -> list[list[LinkedEntity]]:
-        """Every live entity scored by the full model, chunk by chunk from the store; ties: lower row first."""
-        best: dict[str, torch.Tensor] = {}
-        for s in range(0, index.rows, chunk):
-            rows = torch.arange(s, min(s + chunk, index.rows))
-            sc = full_scores(self.model, m, index.gather(rows).to(self.device))
-            if len(index.dead):
-                dead = torch.from_numpy(np.isin(rows.numpy(), index.dead)).to(sc["S_O"].device)
-                sc["S_O"] = sc["S_O"].masked_fill(dead.unsqueeze(0), float("-inf"))
-            sc["row"] = rows.to(sc["S_O"].device).expand(len(m), -1)
-            if best:
-                sc = {t: torch.cat([best[t], sc[t]], 1) for t in sc}
-            _, pos = stable_topk(sc["S_O"], k)  # best's columns first: ties keep the lower row
-            best = {t: v.gather(1, pos) for t, v in sc.items()}
-        picked = {t: best[t] for t in SCORE_TERMS if t in best}
-        valid = best.get("V_valid")
-        return [self._hits(index, i, best["row"], picked, valid, None) for i in range(len(m))]
+            rows, picked = exhaustive_top_k(self.model, index, m, k)
+            return [self._hits(index, i, rows, picked, None) for i in range(len(m))]
+        cand, scores = two_stage(self.model, index, m, max(candidates, k), self.first_stage,
+                                 {**self.search, **search})
+        rows, picked, first = top_k(cand, scores, k)
+        return [self._hits(index, i, rows, picked, first) for i in range(len(m))]
 
     def _hits(self, index: EntityIndex, i: int, rows: torch.Tensor, picked: dict[str, torch.Tensor],
-              valid: torch.Tensor | None, cheap: torch.Tensor | None) -> list[LinkedEntity]:
+              first: torch.Tensor | None) -> list[LinkedEntity]:
+        """Mention i's ranked entities; rows -1 (fewer live rows than k) are left out."""
+        valid = picked.get("V_valid")
         out = []
         for j, row in enumerate(rows[i].tolist()):
-            terms = {t: float(v[i, j]) for t, v in picked.items()}
+            if row < 0:
+                break
+            terms = {t: float(picked[t][i, j]) for t in SCORE_TERMS if t in picked}
             if "S_V" in terms and valid is not None and not bool(valid[i, j]):
                 terms["S_V"] = None  # type: ignore[assignment]
             out.append(LinkedEntity(rank=j + 1, row=row, qid=index.qid(row), name=index.name(row),
-                                    first_stage=None if cheap is None else float(cheap[i, j]), **terms))
+                                    first_stage=None if first is None else float(first[i, j]), **terms))
         return out
-

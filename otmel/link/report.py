@@ -92,19 +92,19 @@ def time_variants(base: ModelConfig, shards: str | Path, split: str = "dev", var
             torch.manual_seed(seed)
             loaded = load_checkpoint_model(save_model_checkpoint(Path(tmp) / v, OTMEL(variant_config(base, v))))
             t0 = time.perf_counter()
-            e = build_index(loaded, shards, progress=False).features
+            index = build_index(loaded, shards, progress=False)
             t_kg = time.perf_counter() - t0
             m = encode_mentions(loaded, batch)
             loaded.model.to(device)
-            models[v] = (loaded, e.to(device), m.to(device), t_kg)
+            models[v] = (loaded, index, m.to(device), t_kg)
     gold = gold.to(device)
     rows = {v: (v, contextlib.nullcontext) for v in variants} | dict(extra or {})
     times: dict[str, list[float]] = {label: [] for label in rows}
     for _ in range(repeats):
         for label, (v, context) in rows.items():
-            loaded, e, m, _ = models[v]
-            with context():
-                times[label].append(run_exhaustive(loaded, m, e, gold, chunk=chunk)["seconds"])
+            loaded, index, m, _ = models[v]
+            with context():  # the linker's exhaustive scoring, the store's reads included
+                times[label].append(run_exhaustive(loaded, m, index, gold, chunk=chunk)["seconds"])
     n_e = len(next(iter(models.values()))[1])
     out: dict[str, Any] = {"split": split, "mentions": len(gold), "entities": n_e, "repeats": repeats,
                            "threads": torch.get_num_threads(), "device": str(device), "variants": {}}
@@ -183,8 +183,8 @@ def report(runs: Sequence[str | Path], out: str | Path | None = None, *, split: 
         base, shards0 = base or loaded.config, shards0 or data
         pre = build_preprocessor(loaded.config)
         batch, metas = read_split(data, split, pre, limit=limit)
-        e = build_index(loaded, data, progress=False).features
-        r = run_exhaustive(loaded, encode_mentions(loaded, batch), e, batch["e_index"])
+        r = run_exhaustive(loaded, encode_mentions(loaded, batch), build_index(loaded, data, progress=False),
+                           batch["e_index"])
         label = f"{Path(run).name} ({loaded.config.variant})"
         fig6[label] = length_buckets(r["ranks"], sentence_tokens(pre, metas))
         overall[label] = metrics_from_ranks(r["ranks"])

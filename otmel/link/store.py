@@ -79,10 +79,6 @@ class Layout:
                    {str(k): int(v) for k, v in d["lengths"].items()}, tuple(d["masks"]), int(d["vector_dim"]),
                    int(d["input_len"]), str(d["dtype"]))
 
-    def record_size(self, nt: int, nv: int) -> int:
-        n = {"text": nt, "visual": nv}
-        return sum(w for _, w in self.fixed) + sum(n[ax] * h for _, h, ax in self.tokens)
-
 
 def _prefix_lengths(mask: torch.Tensor | None, what: str) -> np.ndarray:
     """Valid-token counts of prefix masks (B, L); StoreError when a mask is not a prefix."""

@@ -127,7 +127,7 @@ class CorrelationAssignment(nn.Module):
         # a LearnedReg is a submodule (its theta is trained); a number is a constant
         self.learned_reg: LearnedReg | None = reg if isinstance(reg, LearnedReg) and kind == "ot" else None
         self._reg = float(reg) if isinstance(reg, int | float) else 0.05
-        self._plan_hooks: OrderedDict[int, PlanHook] = OrderedDict()
+        self.plan_hooks: OrderedDict[int, PlanHook] = OrderedDict()
         self.detach_cost = detach_cost
         self.scale = 1.0 / math.sqrt(hidden)
         self.wq, self.wk, self.wv = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(dim, dim)
@@ -148,14 +148,14 @@ class CorrelationAssignment(nn.Module):
     def register_plan_hook(self, hook: PlanHook) -> RemovableHandle:
         """Call ``hook(module, PlanRecord)`` for every batch of plans this (OT) module computes, on either path.
         Returns a handle whose ``remove()`` unregisters it. No hook: nothing extra is computed."""
-        handle = RemovableHandle(self._plan_hooks)
-        self._plan_hooks[handle.id] = hook
+        handle = RemovableHandle(self.plan_hooks)
+        self.plan_hooks[handle.id] = hook
         return handle
 
     def _report(self, make: Callable[[], PlanRecord]) -> None:
-        if self._plan_hooks:
+        if self.plan_hooks:
             rec = make()
-            for hook in list(self._plan_hooks.values()):
+            for hook in list(self.plan_hooks.values()):
                 hook(self, rec)
 
     # -- projections --------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 
 
 @dataclass
-class _Bundle:
+class FeatureBundle:
     """A dataclass of tensors sharing the leading (batch) dimension; None fields are absent terms."""
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -47,7 +47,7 @@ class _Bundle:
 
 
 @dataclass
-class EntityFeatures(_Bundle):
+class EntityFeatures(FeatureBundle):
     t: torch.Tensor  # (Be, d) normalised pooled text embedding
     ids: torch.Tensor  # (Be,) long, the entities' rows in the KG (e_index)
     has_image: torch.Tensor  # (Be,) bool
@@ -62,7 +62,7 @@ class EntityFeatures(_Bundle):
 
 
 @dataclass
-class MentionFeatures(_Bundle):
+class MentionFeatures(FeatureBundle):
     t: torch.Tensor  # (Bm, d)
     has_image: torch.Tensor  # (Bm,) bool
     v: torch.Tensor | None = None  # (Bm, d)
@@ -86,4 +86,4 @@ class Scores:
     V_valid: torch.Tensor | None = None  # (Bm, Be) bool: both sides have an image
 
 
-__all__ = ["EntityFeatures", "MentionFeatures", "Scores"]
+__all__ = ["EntityFeatures", "FeatureBundle", "MentionFeatures", "Scores"]

@@ -2,7 +2,8 @@
 
 Exhaustive linking scores every entity with `OTMEL.score` (pairwise OT for every mention x entity pair).
 Two-stage linking ranks the KG by a *first-stage* score computed from cached vectors only (matrix products,
-no correlation assignment), keeps the top K candidates and re-ranks them with `OTMEL.score`.
+no correlation assignment), keeps the top K candidates and re-ranks them with `OTMEL.score` (both modes are
+implemented once, over an entity index, in `otmel.link.ranking`; this module holds the scores they use).
 
 First-stage scores (all L2-normalised vectors of `MentionFeatures` / `EntityFeatures`):
 - ``"summary"`` (default): the model's own score with each unimodal CA term replaced by an entity-independent
@@ -185,32 +186,3 @@ def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
         out.append(keep[torch.sort(clean[r, keep], descending=True, stable=True).indices[:k]])
     idx = torch.stack(out)
     return scores.gather(-1, idx), idx
-
-
-@torch.no_grad()
-def rerank(model: OTMEL, m: MentionFeatures, e: EntityFeatures, candidates: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Full scores of each mention against its own candidates: candidates (Bm, K) entity positions in `e`
-    -> {"S_O", ...} of shape (Bm, K), column j = candidate j."""
-    rows = []
-    for i in range(len(m)):
-        rows.append(full_scores(model, m.select(slice(i, i + 1)), e.select(candidates[i])))
-    return {k: torch.cat([r[k] for r in rows], 0) for k in rows[0]}
-
-
-@torch.no_grad()
-def two_stage(
-    model: OTMEL,
-    m: MentionFeatures,
-    e: EntityFeatures,
-    candidates: int,
-    first_stage: FirstStage = "summary",
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Retrieve `candidates` entities per mention by the first-stage score, re-rank them with the full model.
-
-    Returns (cheap (Bm, E) first-stage scores, cand (Bm, K) entity positions in ascending position order,
-    full scores of the candidates {"S_O", ...} (Bm, K)). Candidates are re-ordered by position so that an exact
-    tie in S_O is broken by the lower KG row, as in exhaustive mode."""
-    cheap = first_stage_scores(model, m, e, first_stage)
-    _, cand = stable_topk(cheap, candidates)
-    cand = cand.sort(dim=-1).values
-    return cheap, cand, rerank(model, m, e, cand)

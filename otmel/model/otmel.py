@@ -6,7 +6,7 @@
     out = model(batch)                    # training: a dict whose keys are OTMELLoss's argument names
 
 Every Table-2 variant is this model under a different `ModelConfig` (see `otmel.config.VARIANTS`).
-Which CA runs is decided by `_mode()`: the configured one ("teacher"); for a distilling config, "both"
+Which CA runs is decided by `ca_mode()`: the configured one ("teacher"); for a distilling config, "both"
 while training (teacher plans + student logits) and "student" (attention only) at inference.
 """
 
@@ -43,7 +43,7 @@ class OTMEL(nn.Module):
         # shape (1,), not a 0-dim scalar: DeepSpeed 0.19.8 cannot broadcast 0-dim parameters
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(cfg.logit_scale_init)))
 
-    def _mode(self) -> Mode:
+    def ca_mode(self) -> Mode:
         if self.cfg.kd == "none":
             return "teacher"
         return "both" if self.training else "student"
@@ -66,7 +66,7 @@ class OTMEL(nn.Module):
             out.update(V=V, v=F.normalize(v, dim=-1), mask_v=mask_v)
         kd: list[Assignment] = []
         if self.cfg.use_fusion:
-            out["g"], kd = self.fusion(T, mask_t, V, mask_v, self._mode())
+            out["g"], kd = self.fusion(T, mask_t, V, mask_v, self.ca_mode())
         return out, kd
 
     def _entity_features(self, batch: dict[str, torch.Tensor]) -> tuple[EntityFeatures, list[Assignment]]:
@@ -106,7 +106,7 @@ class OTMEL(nn.Module):
 
     def score(self, m: MentionFeatures, e: EntityFeatures) -> Scores:
         """Scores of every mention against every entity: (Bm, Be) each."""
-        cfg, mode = self.cfg, self._mode()
+        cfg, mode = self.cfg, self.ca_mode()
         valid = (m.has_image.unsqueeze(1) & e.has_image.unsqueeze(0)) if cfg.use_images else None  # (Bm, Be)
         n_valid = valid.to(m.t.dtype) if valid is not None else 0.0
         if cfg.cls_only:  # the CLS-only baseline: pooled text (+ image) embeddings, no CA

@@ -23,7 +23,7 @@ from typing import Any
 from PIL import Image
 
 from otmel.data.images import to_rgb
-from otmel.link.linker import MODES, LinkQuery
+from otmel.link.linker import LinkInputError, LinkQuery, check_options
 
 FIELDS = ("text", "mention", "image", "k", "mode")
 
@@ -118,14 +118,11 @@ def parse_link_request(obj: Any, limits: Limits) -> ParsedRequest:
         raise RequestError(str(unknown[0])[:64], f"is not a field; the fields are {list(FIELDS)}")
     text = _string(obj, "text", limits.max_text_chars)
     mention = _string(obj, "mention", limits.max_mention_chars)
-    k = obj.get("k", 10)
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise RequestError("k", f"must be an integer, got {_json_type(k)}")
-    if not 1 <= k <= limits.max_k:
-        raise RequestError("k", f"must be between 1 and {limits.max_k}, got {k}")
-    mode = obj.get("mode")
-    if mode is not None and mode not in MODES:
-        raise RequestError("mode", f"must be one of {list(MODES)}")
+    k, mode = obj.get("k", 10), obj.get("mode")
+    try:
+        check_options(mode=mode, k=k, max_k=limits.max_k)  # the linker's own rules (plus the service's max_k)
+    except LinkInputError as exc:
+        raise RequestError(exc.field, exc.rule) from None
     image = obj.get("image")
     if image is not None and not isinstance(image, str):
         raise RequestError("image", f"must be a base64 string or null, got {_json_type(image)}")

@@ -19,7 +19,7 @@ from typing import Any
 
 from otmel.config import TABLE2_VARIANTS
 from otmel.runconfig import load_config
-from otmel.train.driver.launch import DEFAULT_CONFIG, _absolute, prepare_data
+from otmel.train.driver.launch import DEFAULT_CONFIG, make_paths_absolute, prepare_data
 
 # The paper's names (Table 2) and its RichpediaMEL numbers (H@1, MRR in %), for reference in the tables.
 DESCRIPTIONS: dict[str, str] = {
@@ -174,7 +174,7 @@ def run_ablation(
     name = name or f"ablation-{time.strftime('%Y%m%d-%H%M%S')}"
     prepare_data(cfg)
     base = copy.deepcopy(cfg)
-    _absolute(base)
+    make_paths_absolute(base)
     init_ray_for_trials(base, concurrent)
     grid_points = [{"model.variant": v, "train.seed": s} for s in seeds for v in variants]
     t0 = time.perf_counter()

@@ -43,7 +43,7 @@ def prepare_data(cfg: RunConfig) -> None:
     pack(src, cfg.data.format, shards, shard_size=250, split_seed=cfg.data.split_seed)
 
 
-def _absolute(cfg: RunConfig) -> None:
+def make_paths_absolute(cfg: RunConfig) -> None:
     """Workers may run elsewhere (cwd of a job, another node): hand them absolute local paths."""
     for sec, key in (("data", "source"), ("data", "shards"), ("train", "deepspeed_config"), ("run", "storage")):
         obj = getattr(cfg, sec)
@@ -86,7 +86,7 @@ def build_trainer(cfg: RunConfig, run_name: str, callbacks: list[Any] | None = N
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from otmel.train.worker.loop import train_worker
+    from otmel.train.worker.loop import fault_run_config, train_worker
 
     run_dir = local_run_dir(cfg, run_name)
     return TorchTrainer(
@@ -100,16 +100,24 @@ def build_trainer(cfg: RunConfig, run_name: str, callbacks: list[Any] | None = N
             storage_path=cfg.run.storage, name=run_name,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-            callbacks=list(callbacks or []),
+            callbacks=list(callbacks or []), **fault_run_config(),
         ),
     )
 
 
 def run_trainer(trainer: Any, cfg: RunConfig, run_name: str) -> dict[str, Any]:
-    """Fit a trainer from `build_trainer`; returns results (also written to RUN_DIR/results.json)."""
+    """Fit a trainer from `build_trainer`; returns results (also written to RUN_DIR/results.json). A failed run
+    raises `otmel.errors.WorkerError` (`WorkerUserError` when the user can fix it) naming the worker's own error and
+    its log, chained to Ray Train's error (`otmel.train.driver.failures`)."""
     run_dir = local_run_dir(cfg, run_name)
     t0 = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        from otmel.train.driver.failures import raise_worker_error
+
+        raise_worker_error(exc, run_dir, logs=cfg.run.console != "verbose")
+        raise
     wall = time.perf_counter() - t0
     metrics = dict(result.metrics or {})
     history: list[dict[str, Any]] = []
@@ -178,7 +186,7 @@ def main(config: str | None = None, overrides: list[str] | None = None, resume: 
         cfg.run.storage, cfg.run.name = str(run_dir.parent), run_dir.name
     run_name = cfg.run.name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     prepare_data(cfg)
-    _absolute(cfg)
+    make_paths_absolute(cfg)
     print(header(cfg, run_name, config), flush=True)
     results = fit(cfg, run_name, show_epochs=True)
     print("\n" + format_table(results["metrics"]))

@@ -26,7 +26,7 @@ from typing import Any
 from otmel.analysis.study_tables import study_markdown
 from otmel.io import atomic_write
 from otmel.runconfig import load_config
-from otmel.train.driver.launch import DEFAULT_CONFIG, _absolute, fit, prepare_data
+from otmel.train.driver.launch import DEFAULT_CONFIG, fit, make_paths_absolute, prepare_data
 
 
 def _append_line(path: Path, obj: dict[str, Any]) -> None:
@@ -123,11 +123,11 @@ def run_study(config: str | None, overrides: list[str] | None, *, name: str, var
     todo = [(v, s) for s in seeds for v in variants if (v, s) not in done]
     print(f"[otmel] study {name}: {len(done)} trial(s) done, {len(todo)} to run -> {study}", flush=True)
     prepare_data(cfg)
-    _absolute(cfg)
+    make_paths_absolute(cfg)
     for v, s in todo:
         trial_ov = [*overrides, f"model.variant={v}", f"train.seed={s}", f"run.storage={study / 'runs'}"]
         tcfg = load_config(config, trial_ov)
-        _absolute(tcfg)
+        make_paths_absolute(tcfg)
         t0 = time.perf_counter()
         try:
             results = fit(tcfg, f"{v}-s{s}")

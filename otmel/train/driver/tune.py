@@ -25,8 +25,8 @@ from typing import Any
 import yaml
 
 from otmel.analysis.sweep_results import rank_rows, rows_from_grid, unfinished, write_sweep_outputs
-from otmel.runconfig import RunConfig, _set_dotted, load_config
-from otmel.train.driver.launch import DEFAULT_CONFIG, _absolute, prepare_data
+from otmel.runconfig import RunConfig, load_config, set_dotted
+from otmel.train.driver.launch import DEFAULT_CONFIG, make_paths_absolute, prepare_data
 
 DRIVER_CPUS = 0.1  # the trial driver only waits on its TorchTrainer; `with_resources(..., {"cpu": 0})` fails
 DOMAINS = ("loguniform", "uniform", "choice", "grid", "randint")
@@ -121,7 +121,7 @@ def apply_params(base: dict[str, Any], params: dict[str, Any]) -> RunConfig:
     """A trial's run config: the base config dict with the dotted `params` set (strictly re-validated)."""
     d = copy.deepcopy(base)
     for key, value in params.items():
-        _set_dotted(d, key, value)
+        set_dotted(d, key, value)
     cfg = RunConfig.from_dict(d)
     cfg.model_config()
     return cfg
@@ -232,7 +232,7 @@ def run_sweep(
     name = name or f"{Path(search).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     prepare_data(cfg)
     base = copy.deepcopy(cfg)
-    _absolute(base)
+    make_paths_absolute(base)
     # The seeded generator limits concurrency itself (Ray 2.60 ignores, with a warning, TuneConfig's
     # max_concurrent_trials next to a SearchGenerator such as BasicVariantGenerator).
     tune_config: dict[str, Any] = {

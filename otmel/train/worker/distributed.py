@@ -32,13 +32,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-from otmel.model.features import EntityFeatures, _Bundle
+from otmel.model.features import EntityFeatures, FeatureBundle
 
 AllGather = Callable[[torch.Tensor, bool], list[torch.Tensor]]
 """`(tensor, with_grad) -> one tensor per rank, in rank order` (what tests monkeypatch)."""
 EntityPool = Callable[[EntityFeatures], tuple[EntityFeatures, int]]
 """What `OTMEL.forward(batch, entity_pool=...)` takes: local entity features -> (pool, column offset)."""
-B_ = TypeVar("B_", bound=_Bundle)
+B_ = TypeVar("B_", bound=FeatureBundle)
 
 
 def default_all_gather(tensor: torch.Tensor, with_grad: bool) -> list[torch.Tensor]:
@@ -146,7 +146,7 @@ def all_gather_uneven(bundle: B_, world_size: int) -> B_: ...
 
 def all_gather_uneven(bundle: B_ | torch.Tensor, world_size: int) -> B_ | torch.Tensor:
     """Concatenate (rank order) the rows every rank holds, e.g. after an exactly-once evaluation stream
-    where ranks hold different numbers of rows. Any `_Bundle` (EntityFeatures, MentionFeatures) or a plain
+    where ranks hold different numbers of rows. Any `FeatureBundle` (EntityFeatures, MentionFeatures) or a plain
     tensor; sizes are gathered once, then each field padded to the largest rank's. No grad."""
     if isinstance(bundle, torch.Tensor):
         return all_gather_tensor_uneven(bundle, world_size)

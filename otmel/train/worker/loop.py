@@ -24,6 +24,7 @@ import torch
 
 from otmel.data.loaders import eval_loader, kg_loader, train_loader
 from otmel.data.manifest import split_counts
+from otmel.errors import UserError
 from otmel.loss import OTMELLoss
 from otmel.model import OTMEL
 from otmel.model.encoder import build_preprocessor
@@ -44,6 +45,10 @@ from otmel.train.worker.mining import HardNegativeSchedule
 from otmel.train.worker.progress import WorkerConsole
 from otmel.train.worker.tracking import Tracker
 
+# Fault injection for the tests, outside the run config: with OTMEL_TEST_FAIL_AT_STEP=N in the driver's environment,
+# one worker (rank 1, or 0 alone) dies once, abruptly, at global step N; the marker in the run folder keeps the
+# restarted workers alive (tests/test_train_ray.py).
+FAULT_ENV = "OTMEL_TEST_FAIL_AT_STEP"
 FAULT_MARKER = ".fault-injected"
 
 
@@ -60,9 +65,26 @@ def steps_per_epoch(cfg: RunConfig, world_size: int) -> int:
     return max(1, n_train // (cfg.train.batch_size * world_size))
 
 
+def fault_step() -> int | None:
+    """The global step of `FAULT_ENV` (None when it is unset); a value that is not an integer >= 1 is an error."""
+    value = os.environ.get(FAULT_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdecimal() or int(value) < 1:
+        raise ValueError(f"{FAULT_ENV}={value!r}: must be a global step >= 1")
+    return int(value)
+
+
+def fault_run_config() -> dict[str, Any]:
+    """`ray.train.RunConfig` arguments handing the driver's `FAULT_ENV` to the workers' runtime env ({} when it is
+    unset): the workers of a joined or already started Ray do not see the driver's environment."""
+    step = fault_step()
+    return {} if step is None else {"worker_runtime_env": {"env_vars": {FAULT_ENV: str(step)}}}
+
+
 def _maybe_inject_fault(fail_at_step: int | None, global_step: int, rank: int, world_size: int, run_dir: Path
                         ) -> None:
-    """Fault injection for tests: one worker dies once, abruptly, at `fail_at_step`."""
+    """One worker dies once, abruptly, at `fail_at_step` (`FAULT_ENV`)."""
     if fail_at_step is None or global_step != fail_at_step:
         return
     if rank != (1 if world_size > 1 else 0):
@@ -95,7 +117,7 @@ class Evaluator:
         return out
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Too many consecutive training steps had a NaN / Inf loss (`train.max_nonfinite_steps`)."""
 
 
@@ -168,6 +190,7 @@ class Worker:
         self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps, self.world)
         self.config_dict = cfg.to_dict()
         self.tracker: Tracker | None = None
+        self.fail_at_step = fault_step()
 
     def resume(self) -> None:
         import ray.train
@@ -215,7 +238,7 @@ class Worker:
         for i, batch in enumerate(loader):
             if i < skip:
                 continue  # the batches consumed before the checkpoint we resumed from
-            _maybe_inject_fault(cfg.train.fail_at_step, st.global_step, self.rank, self.world, self.run_dir)
+            _maybe_inject_fault(self.fail_at_step, st.global_step, self.rank, self.world, self.run_dir)
             if self.hard is not None:
                 batch = self.hard.augment(batch, epoch, i)
             terms = self.loss_fn(**self.engine(batch, entity_pool=self.pool))

@@ -1,4 +1,5 @@
-"""Small configs and random batches for model tests (shapes follow docs/design.md)."""
+"""A small model config and random batches of the model's input contract (docs/design.md, "Tensors handed to the
+model"), for tests, benchmarks and smoke checks that need a model but no data."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ L, S = 16, 16  # tokens per text, image pixels (patch 8 -> 4 patches + class tok
 
 
 def tiny_cfg(variant: str = "OT", **kw: object) -> ModelConfig:
-    base = dict(tiny_width=32, tiny_layers=1, tiny_heads=2, tiny_image_size=S, tiny_patch_size=8,
-                max_len=L, hidden_dim=16, match_chunk=64)
+    """The `variant` preset on a one-layer, 32-wide `tiny` encoder with L-token texts and S-pixel images."""
+    base: dict[str, object] = dict(tiny_width=32, tiny_layers=1, tiny_heads=2, tiny_image_size=S, tiny_patch_size=8,
+                                   max_len=L, hidden_dim=16, match_chunk=64)
     return ModelConfig.from_variant(variant, **{**base, **kw})
 
 
-def random_batch(B: int = 6, *, seed: int = 0, images: bool = True, missing: tuple[int, ...] = (4,)) -> dict:
-    """A batch with varied text lengths, one missing mention image and one missing entity image."""
+def random_batch(B: int = 6, *, seed: int = 0, images: bool = True,
+                 missing: tuple[int, ...] = (4,)) -> dict[str, torch.Tensor]:
+    """A batch of B (mention, gold entity) pairs for `tiny_cfg` with varied text lengths; mention `i` of `missing`
+    and entity `i + 1` have no image."""
     g = torch.Generator().manual_seed(seed)
     b: dict[str, torch.Tensor] = {}
     for p in "me":
@@ -35,6 +39,9 @@ def random_batch(B: int = 6, *, seed: int = 0, images: bool = True, missing: tup
     return b
 
 
-def entity_batch(b: dict, idx: slice | torch.Tensor) -> dict:
+def entity_batch(b: dict[str, torch.Tensor], idx: slice | torch.Tensor) -> dict[str, torch.Tensor]:
     """The entity half of a batch (as a KG stream yields it), restricted to `idx`."""
     return {k: v[idx] for k, v in b.items() if k.startswith("e_")}
+
+
+__all__ = ["entity_batch", "random_batch", "tiny_cfg"]
