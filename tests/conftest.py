@@ -46,3 +46,24 @@ def toy(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
     write_cleaned(root / "src")
     pack(root / "src", "cleaned", root / "shards", shard_size=2, progress=False)
     return root / "shards"
+
+
+# ---------------------------------------------------------------------------------------------- timing
+# Every run ends with the time each test module took (setup + call + teardown of its tests, module fixtures
+# included), longest first: the figures README's test section quotes.
+_module_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    module = report.nodeid.split("::", 1)[0]
+    _module_seconds[module] = _module_seconds.get(module, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _module_seconds:
+        return
+    terminalreporter.section("seconds per test module")
+    total = sum(_module_seconds.values())
+    for module, secs in sorted(_module_seconds.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{secs:8.1f} s  {100 * secs / total:5.1f}%  {module}")
+    terminalreporter.write_line(f"{total:8.1f} s  in all")

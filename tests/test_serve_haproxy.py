@@ -146,7 +146,11 @@ def test_ingress_environment_is_private_and_undone(tmp_path: Path) -> None:
     for key in ("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH",
                 "RAY_SERVE_HAPROXY_SERVER_STATE_FILE"):
         assert Path(env[key]).parent == tmp_path / "ingress"
-    assert env["RAY_SERVE_HAPROXY_STATS_PORT"] != env["RAY_SERVE_HAPROXY_METRICS_PORT"]
+    ports = [env[f"RAY_SERVE_{k}_PORT"] for k in ("HAPROXY_STATS", "HAPROXY_METRICS", "FALLBACK_PROXY_HTTP",
+                                                   "FALLBACK_PROXY_GRPC")]
+    assert len(set(ports)) == 4 and "8500" not in ports  # Serve's fixed fallback port is shared through SO_REUSEPORT
+    other = ingress_environment(tmp_path / "other")  # a second service on the machine: its own fallback proxy
+    assert other["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] != env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"]
 
     opts = ServeOptions(checkpoint="c", index="i", ingress="haproxy")
     full = serve_environment(opts)

@@ -7,13 +7,15 @@ import argparse
 
 def _cmd_serve(sub: argparse._SubParsersAction) -> None:
     from otmel.serve.requests import Limits
+    from otmel.serve.run import SHUTDOWN_GRACE_S
 
     d = Limits()
     p = sub.add_parser(
         "serve",
         help="serve a checkpoint + index over HTTP on Ray Serve (POST /link, /link/batch; GET /healthz, /info)",
         description="Deploy the linking service on Ray Serve (a local Ray on loopback by default, --address for a "
-        "cluster) and stay in the foreground until Ctrl-C. Concurrent requests are batched per replica. The HTTP "
+        "cluster) and stay in the foreground until Ctrl-C, SIGTERM or SIGHUP, which stop everything it started "
+        "(exit status 0). Concurrent requests are batched per replica. The HTTP "
         "proxy listens on --host (127.0.0.1 unless you say otherwise). API and limits: docs/linking.md.",
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
@@ -38,6 +40,10 @@ def _cmd_serve(sub: argparse._SubParsersAction) -> None:
                    "starts the Ray and the HAProxy binary of ray[serve] is installed (Linux), else proxy")
     p.add_argument("--access-log", action="store_true",
                    help="Serve's per-request access log lines (route, status, latency; never bodies)")
+    p.add_argument("--shutdown-grace-s", type=float, default=SHUTDOWN_GRACE_S,
+                   help="on Ctrl-C / SIGTERM / SIGHUP, how long Serve may take to drain and stop (with the HAProxy "
+                   "ingress >= 35 s) before the processes left are stopped (SIGTERM, then SIGKILL); a second signal "
+                   f"stops them at once (default {SHUTDOWN_GRACE_S:g})")
     g = p.add_argument_group("request limits (4xx beyond them)")
     g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     g.add_argument("--max-batch-items", type=int, default=d.max_batch_items)
@@ -56,7 +62,8 @@ def _serve(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint, index=args.index, host=args.host, port=args.port, replicas=args.replicas,
         replica_cpus=args.replica_cpus, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
         mode=args.mode, candidates=args.candidates, watch_index_s=args.watch_index_s, address=args.address,
-        tuning=args.tuning, ingress=args.ingress, access_log=args.access_log, limits=limits))
+        tuning=args.tuning, ingress=args.ingress, access_log=args.access_log,
+        shutdown_grace_s=args.shutdown_grace_s, limits=limits))
 
 
 COMMANDS = [_cmd_serve]

@@ -1,27 +1,48 @@
 """`otmel serve`: start (or join) Ray, deploy the linking service on Ray Serve, stay in the foreground.
 
 A local Ray is started on loopback only (`otmel.ray_runtime.start_ray`); Serve's HTTP proxy binds `host` (default
-127.0.0.1) — before `serve.run`, the only place Ray Serve 2.60 takes it. Ctrl-C or SIGTERM shuts the application
-and Serve down, then the Ray this command started.
+127.0.0.1) — before `serve.run`, the only place Ray Serve 2.60 takes it.
+
+Stopping: SIGINT (Ctrl-C), SIGTERM and SIGHUP all stop the service the same way (`shutdown`): delete the application
+and shut Serve down (its drain of the replicas), stop the Ray this command started, then stop whatever of it is still
+alive — every process of that Ray and every HAProxy the ingress launcher started — and exit 0. Two Ray facts make
+this necessary: `ray.init` replaces the process's SIGTERM handler with its own (which kills the local Ray's processes
+and exits, never running Serve's shutdown, so the HAProxy that Serve's manager actor had started lived on, holding
+the port and answering 500), so the handlers are installed again once Ray is up; and Serve does not stop an HAProxy
+that a reload was starting when its manager stopped (otmel/serve/haproxy.py). Serve gets `SHUTDOWN_GRACE_S`
+(`--shutdown-grace-s`); past it, or at a second signal, what is left is stopped (SIGTERM, then SIGKILL). The local
+Ray's processes start with SIGHUP blocked, as Ray starts them with SIGINT blocked: closing the terminal reaches this
+command only, which stops them in order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from otmel.ray_runtime import start_ray
 from otmel.serve.requests import Limits
 
+if TYPE_CHECKING:
+    import psutil
+
 APP_NAME = "otmel"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# how long `shutdown` waits for Serve to delete the application and stop (its drain of direct-ingress replicas alone
+# takes >= 35 s: Serve keeps a stopping replica reachable 30 s for load balancers to deregister it)
+SHUTDOWN_GRACE_S = 60.0
+KILL_AFTER_S = 5.0  # between the SIGTERM and the SIGKILL of a process left over
 
 # Ray Serve 2.60's request-path settings, read by Serve's controller, proxy and replicas when they start (so set
 # before the local Ray starts; on a cluster, set them in the Ray containers' environment, as
@@ -66,6 +87,7 @@ class ServeOptions:
     ingress: str = "auto"
     access_log: bool = False  # Serve's per-request access log lines (method, route, status, latency; never bodies)
     address: str | None = None  # a Ray cluster to join (default: a local Ray on loopback)
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S  # how long a stop waits for Serve before stopping what is left
     limits: Limits = field(default_factory=Limits)
 
     def app_args(self) -> dict[str, Any]:
@@ -78,9 +100,9 @@ class ServeOptions:
                 "limits": asdict(self.limits)}
 
 
-def deploy(opts: ServeOptions) -> str:
+def deploy(opts: ServeOptions, on_ray_started: Callable[[], None] | None = None) -> str:
     """Start Ray if needed, Serve's proxy on `host:port`, and the application; returns the service's URL once
-    `/healthz` answers."""
+    `/healthz` answers. `on_ray_started` runs as soon as Ray is up (`serve_forever` takes its signals back there)."""
     import ray
     from ray import serve
 
@@ -96,6 +118,8 @@ def deploy(opts: ServeOptions) -> str:
         raise ValueError(f"unknown --tuning {opts.tuning!r}: one of {sorted(SERVE_TUNINGS)}")
     if opts.ingress not in INGRESSES:
         raise ValueError(f"unknown --ingress {opts.ingress!r}: one of {list(INGRESSES)}")
+    if opts.shutdown_grace_s < 0:
+        raise ValueError("--shutdown-grace-s must be >= 0")
     local = opts.address is None and not ray.is_initialized()
     opts.ingress = resolve_ingress(opts.ingress, local)
     if local:
@@ -103,7 +127,10 @@ def deploy(opts: ServeOptions) -> str:
     elif opts.ingress != "proxy":
         raise ValueError("--ingress haproxy is set up for a Ray that otmel serve starts; on a cluster, enable "
                          "Serve's HAProxy ingress in the cluster's environment (RAY_SERVE_ENABLE_HA_PROXY=1)")
-    start_ray(address=opts.address, cpus=int(opts.replicas * opts.replica_cpus + 0.999), dashboard=False)
+    with _hangup_blocked():  # inherited by the processes of the local Ray (see the module docstring)
+        start_ray(address=opts.address, cpus=int(opts.replicas * opts.replica_cpus + 0.999), dashboard=False)
+    if on_ray_started is not None:
+        on_ray_started()
     have = float(ray.cluster_resources().get("CPU", 0))
     if opts.replicas * opts.replica_cpus > have:
         raise ValueError(f"{opts.replicas} replica(s) x {opts.replica_cpus} CPU need more than the {have:g} CPUs "
@@ -182,42 +209,198 @@ def wait_healthy(url: str, timeout_s: float = 120.0) -> None:
         time.sleep(0.5)
 
 
-def shutdown(started_ray: bool = True) -> None:
+def shutdown(started_ray: bool = True, grace_s: float = SHUTDOWN_GRACE_S,
+             hurry: threading.Event | None = None) -> bool:
+    """Delete the application, shut Serve down and stop the Ray this process started (`started_ray`), then stop what
+    of them is still alive: the processes of that Ray (and their children) and the HAProxies of the ingress launcher.
+    Serve gets `grace_s` seconds, less if `hurry` is set meanwhile (a second signal); past that, Ray is not asked to
+    shut down either and the processes are stopped (SIGTERM, SIGKILL after `KILL_AFTER_S`). Returns whether Serve
+    and Ray stopped by themselves in time (False: the processes were stopped, and this process's Ray client is
+    left in a state only exiting ends)."""
+    import ray
+
+    from otmel.serve.haproxy import close
+
+    ours = _ray_processes() if started_ray else []  # before anything stops: later, orphans have no parent to follow
+    clean = False
+    try:
+        clean = _within(grace_s, hurry, _stop_serve)
+        if clean and started_ray and ray.is_initialized():
+            ours += _ray_processes()  # (workers and HAProxies started since)
+            ray.shutdown()
+    finally:
+        leftovers = [proc for directory in _temp_dirs for proc in close(directory)] + ours
+        _stop_processes(leftovers, wait_s=KILL_AFTER_S if clean else 0.0)
+        restore_env()
+    return clean
+
+
+def _stop_serve() -> None:
     import ray
     from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    if not ray.is_initialized():
+        return
+    with contextlib.suppress(RayServeException):  # (no Serve: a deploy that failed before serve.start)
+        serve.delete(APP_NAME)
+    serve.shutdown()
+
+
+def _within(grace_s: float, hurry: threading.Event | None, fn: Callable[[], None]) -> bool:
+    """Run `fn` in a daemon thread; whether it returned (not raised) within `grace_s` and before `hurry` was set."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            fn()
+            outcome.append(None)
+        except BaseException as exc:  # reported below, in the caller's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, name="otmel-serve-shutdown", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + grace_s
+    while thread.is_alive() and time.monotonic() < deadline and not (hurry is not None and hurry.is_set()):
+        thread.join(timeout=0.2)  # short waits: a signal handler runs in between
+    if thread.is_alive():
+        why = "a second signal" if hurry is not None and hurry.is_set() else f"it did not stop within {grace_s:g} s"
+        print(f"otmel serve: {why}: stopping its processes", file=sys.stderr, flush=True)
+        return False
+    if outcome and outcome[0] is not None:
+        print(f"otmel serve: Serve's shutdown failed ({type(outcome[0]).__name__}: {outcome[0]}): stopping its "
+              "processes", file=sys.stderr, flush=True)
+        return False
+    return True
+
+
+def _ray_processes() -> list[psutil.Process]:
+    """The processes of the local Ray this process started (GCS, raylet, dashboard, ...) and their descendants
+    (agents, workers, Serve's actors, its HAProxy); none for a joined cluster."""
+    import psutil
+    import ray._private.worker
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    procs: list[psutil.Process] = []
+    for infos in dict(getattr(node, "all_processes", None) or {}).values():
+        for info in infos:
+            with contextlib.suppress(psutil.Error, AttributeError):
+                proc = psutil.Process(info.process.pid)
+                procs += [proc, *proc.children(recursive=True)]
+    return procs
+
+
+def _stop_processes(procs: list[psutil.Process], wait_s: float) -> None:
+    """Give `procs` `wait_s` to exit by themselves, then SIGTERM the rest and SIGKILL what is left `KILL_AFTER_S`
+    later. (psutil checks a process's start time before signalling it: a pid used again by now is left alone.)"""
+    import psutil
+
+    alive = [p for p in dict.fromkeys(procs) if p.pid != os.getpid()]
+    if alive and wait_s > 0:
+        alive = psutil.wait_procs(alive, timeout=wait_s)[1]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = [p for p in alive if _running(p)]
+        if not alive:
+            return
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(sig)
+        alive = psutil.wait_procs(alive, timeout=KILL_AFTER_S)[1]
+
+
+def _running(proc: psutil.Process) -> bool:
+    import psutil
 
     try:
-        serve.delete(APP_NAME)
-        serve.shutdown()
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+@contextlib.contextmanager
+def _hangup_blocked() -> Iterator[None]:
+    """SIGHUP blocked in this thread within the block: the processes it starts inherit the mask, so a terminal's
+    hangup does not kill the Ray under the service (Ray does the same with SIGINT). This process still gets a SIGHUP
+    sent meanwhile: another thread takes it, or this one when the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        yield
     finally:
-        if started_ray and ray.is_initialized():
-            ray.shutdown()
-        restore_env()
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class StopRequested(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP reached `otmel serve` (raised in its main thread)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _StopSignals:
+    """The handler of `STOP_SIGNALS` while `otmel serve` runs: the first one raises `StopRequested`; once the service
+    is stopping (`stopping`), one more sets `hurry` (stop the processes now, `shutdown`)."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self.hurry = threading.Event()
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.stopping:
+            if not self.hurry.is_set():
+                print("otmel serve: second signal: stopping at once", file=sys.stderr, flush=True)
+            self.hurry.set()
+            return
+        self.stopping = True
+        raise StopRequested(signum)
+
+    def take(self) -> None:
+        """Install (again: `ray.init` puts a SIGTERM handler of its own in place) this handler."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self)
 
 
 def serve_forever(opts: ServeOptions) -> int:
-    """`otmel serve`: deploy, print where, wait for Ctrl-C / SIGTERM, shut down cleanly."""
+    """`otmel serve`: deploy, print where, wait for SIGINT (Ctrl-C), SIGTERM or SIGHUP, stop everything it started
+    (`shutdown`) and return 0 (a stop asked for is no failure: systemd, Kubernetes and supervisors see a clean
+    exit). A second signal while it stops stops the processes at once."""
     import ray
 
     joined = ray.is_initialized() or bool(opts.address)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    signals = _StopSignals()
+    requested = False
+    signals.take()
     try:
-        url = deploy(opts)
-        print(f"otmel serve: {url}  (POST /link, /link/batch; GET /healthz, /info) — {opts.replicas} replica(s), "
-              f"batches of up to {opts.max_batch_size}, {opts.ingress} ingress; Ctrl-C to stop", flush=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("otmel serve: shutting down", file=sys.stderr, flush=True)
+        try:
+            url = deploy(opts, on_ray_started=signals.take)
+            signals.take()
+            print(f"otmel serve: {url}  (POST /link, /link/batch; GET /healthz, /info) — {opts.replicas} "
+                  f"replica(s), batches of up to {opts.max_batch_size}, {opts.ingress} ingress; Ctrl-C to stop",
+                  flush=True)
+            while True:
+                time.sleep(3600)
+        except StopRequested as stop:
+            requested = True
+            print(f"otmel serve: {stop}: shutting down", file=sys.stderr, flush=True)
+        finally:
+            signals.stopping = True
+            clean = shutdown(started_ray=not joined, grace_s=opts.shutdown_grace_s, hurry=signals.hurry)
+            if not clean:  # this process's Ray client, its cluster gone, could hang in the exit hooks: skip them
+                if not requested:
+                    print(f"otmel serve: error: {sys.exc_info()[1]}", file=sys.stderr)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0 if requested else 1)
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        shutdown(started_ray=not joined)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     return 0
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-__all__ = ["APP_NAME", "INGRESSES", "SERVE_TUNINGS", "ServeOptions", "apply_env", "deploy", "resolve_ingress",
-           "restore_env", "serve_environment", "serve_forever", "shutdown", "wait_healthy"]
+__all__ = ["APP_NAME", "INGRESSES", "SERVE_TUNINGS", "SHUTDOWN_GRACE_S", "STOP_SIGNALS", "ServeOptions",
+           "StopRequested", "apply_env", "deploy", "resolve_ingress", "restore_env", "serve_environment",
+           "serve_forever", "shutdown", "wait_healthy"]
