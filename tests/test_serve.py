@@ -42,6 +42,12 @@ pytestmark = pytest.mark.slow
 LIMITS = Limits(max_body_bytes=200_000, max_image_bytes=100_000, max_image_pixels=1_000_000, max_batch_items=32)
 
 
+# Serve keeps a stopping direct-ingress replica reachable for 30 s by default, for load balancers in front of the
+# service to notice; no balancer here but Serve's own HAProxy, which marks a replica down within ~0.5 s. The tests'
+# services drain for 2 s (each stop of a service otherwise takes >= 35 s of the suite's time).
+FAST_DRAIN = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+
+
 def _haproxy_pids(directory: Path) -> list[int]:
     """The HAProxy processes of the service whose ingress files are in `directory` (not another service's on the
     machine, a user's or another test's)."""
@@ -82,6 +88,8 @@ def served(ckpt: Path, index_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
     if ray.is_initialized():  # a Ray left by another module: the service starts its own, as `otmel serve` does
         ray.shutdown()
+    saved = {k: os.environ.get(k) for k in FAST_DRAIN}
+    os.environ.update(FAST_DRAIN)
     index = tmp_path_factory.mktemp("serve") / "index"
     shutil.copytree(index_dir, index)
     opts = ServeOptions(checkpoint=str(ckpt), index=str(index), port=_free_port(), replicas=2, replica_cpus=0.5,
@@ -93,6 +101,11 @@ def served(ckpt: Path, index_dir: Path, tmp_path_factory: pytest.TempPathFactory
         yield {"url": url, "index": index, "ckpt": ckpt, "ingress": ingress}
     finally:
         shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     assert not _haproxy_pids(ingress)  # Serve stopped its HAProxy
 
 
@@ -130,17 +143,34 @@ def test_haproxy_ingress_listens_on_loopback_only_with_the_hardened_config(serve
 
     from otmel.serve.haproxy import config_path
 
-    (pid,) = _haproxy_pids(served["ingress"])[:1] or [None]
-    assert pid is not None
-    proc = psutil.Process(pid)
-    cfg = config_path(proc.cmdline())  # its files in the service's private directory (Serve rewrites the file at
+    # Serve reloads its HAProxy now and then (a new process takes over the sockets, the old one exits): read the
+    # newest one, again if it is replaced while being read
+    deadline = time.monotonic() + 60
+    while True:
+        procs = [psutil.Process(pid) for pid in _haproxy_pids(served["ingress"])]
+        try:
+            assert procs, "no HAProxy of this service"
+            proc = max(procs, key=lambda p: p.create_time())
+            cmdline = proc.cmdline()
+            listening = [c.laddr for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+            break
+        except (psutil.Error, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    cfg = config_path(cmdline)  # its files in the service's private directory (Serve rewrites the file at
     assert cfg is not None and cfg.parent.parent.name.startswith("otmel-haproxy-")  # run time: the launcher
     assert cfg.parent.parent.stat().st_mode & 0o777 == 0o700  # hardens each HAProxy start, see the sockets below
-    listening = [c.laddr for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
     port = int(served["url"].rsplit(":", 1)[1])
     assert port in {a.port for a in listening} and len(listening) >= 3  # the service, stats, metrics
     assert all(a.ip == "127.0.0.1" for a in listening), listening
-    replicas = [p for p in psutil.process_iter(["cmdline"]) if "ServeReplica" in " ".join(p.info["cmdline"] or [])]
+    def is_replica(p: psutil.Process) -> bool:
+        try:
+            return "ServeReplica" in " ".join(p.cmdline())
+        except psutil.Error:  # a short-lived process already gone
+            return False
+
+    replicas = [p for p in psutil.Process().children(recursive=True) if is_replica(p)]  # this test's Ray only
     direct = [c.laddr for p in replicas for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
               and 30000 <= c.laddr.port <= 31000]  # the replicas' direct-ingress HTTP servers
     assert len(direct) == 2 and all(a.ip == "127.0.0.1" for a in direct), direct
@@ -304,7 +334,7 @@ def _start_otmel_serve(checkpoint: Path, index: Path, port: int, ingress: str, *
     return subprocess.Popen([str(exe), "serve", "--checkpoint", str(checkpoint), "--index", str(index),
                              "--port", str(port), "--replica-cpus", "0.5", "--ingress", ingress, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**clean_env, "RAY_AUTH_MODE": "disabled"})
+                            env={**clean_env, "RAY_AUTH_MODE": "disabled", **FAST_DRAIN})
 
 
 def _ready_line(proc: subprocess.Popen[str]) -> str:
