@@ -12,4 +12,6 @@ for a in "$@"; do
 done
 .venv/bin/ruff check otmel ray_jobs bench tests
 .venv/bin/mypy
-exec .venv/bin/python -m pytest -q --durations=25 "${args[@]}"
+# 2 workers, each running one fixed group of whole test modules in a fixed order (tests/conftest.py): the slow
+# end-to-end runs wait on processes and sockets much of the time, so two of them share the 2 cores well
+exec .venv/bin/python -m pytest -q -n 2 --dist loadgroup --durations=25 "${args[@]}"

@@ -57,6 +57,7 @@ def test_driver_renders_one_line_per_epoch(tmp_path: Path) -> None:
 
 
 def test_capture_logs_sends_ray_and_warnings_to_the_run_log(tmp_path: Path) -> None:
+    before = (warnings.showwarning, list(warnings.filters), logging.getLogger("py.warnings").propagate)
     con = DriverConsole(tmp_path, epochs=1, stream=io.StringIO())
     con.capture_logs()
     try:
@@ -66,6 +67,8 @@ def test_capture_logs_sends_ray_and_warnings_to_the_run_log(tmp_path: Path) -> N
         con.close()
     text = (tmp_path / "logs" / "driver.log").read_text()
     assert "a ray warning" in text and "a library warning" in text
+    # and the process's warnings are as they were (a run started from Python, or the next test, sees its own)
+    assert (warnings.showwarning, list(warnings.filters), logging.getLogger("py.warnings").propagate) == before
 
 
 def test_worker_output_is_redirected_at_the_fd_level(tmp_path: Path) -> None:

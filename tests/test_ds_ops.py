@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib
+import logging
 import os
 from pathlib import Path
 
@@ -55,8 +56,16 @@ def _fake_accelerator(monkeypatch: pytest.MonkeyPatch, builder: _FakeBuilder) ->
     monkeypatch.setattr(accel, "get_accelerator", lambda: _Accel())
 
 
+def _hear(log: logging.Logger, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """caplog sees `log` whatever an earlier test in this process (a Ray, Serve, a run) did to the logging tree."""
+    monkeypatch.setattr(log, "disabled", False)
+    monkeypatch.setattr(log, "propagate", True)
+    caplog.set_level(logging.WARNING, logger=log.name)
+
+
 def test_safe_load_clears_a_stale_baton_under_the_flock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          caplog: pytest.LogCaptureFixture) -> None:
+    _hear(ds_ops.log, caplog, monkeypatch)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     folder = tmp_path / ds_ops.SHM_OP
     folder.mkdir()
@@ -75,6 +84,7 @@ def test_safe_load_clears_a_stale_baton_under_the_flock(tmp_path: Path, monkeypa
 
 def test_safe_load_leaves_a_clean_folder_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                caplog: pytest.LogCaptureFixture) -> None:
+    _hear(ds_ops.log, caplog, monkeypatch)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     builder = _FakeBuilder(tmp_path / ds_ops.SHM_OP)
     _fake_accelerator(monkeypatch, builder)

@@ -359,8 +359,8 @@ def _alive(procs: list[Any]) -> list[Any]:
 
 
 # (signal, sent to the process group as a closed terminal does, --shutdown-grace-s): SIGTERM and SIGINT let Serve
-# drain (>= 35 s with HAProxy); the SIGHUP run gives it 5 s, so it also checks the stop of the processes left over
-STOPS = {"auto": [("SIGTERM", False, None), ("SIGHUP", True, "5")], "proxy": [("SIGINT", False, None)]}
+# drain (FAST_DRAIN: >= 2 s); the SIGHUP run gives it 0.5 s, so it also checks the stop of the processes left over
+STOPS = {"auto": [("SIGTERM", False, None), ("SIGHUP", True, "0.5")], "proxy": [("SIGINT", False, None)]}
 
 
 @pytest.mark.parametrize("ingress", ["auto", "proxy"])

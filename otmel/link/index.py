@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +89,11 @@ class EntityIndex:
         self.dead = (np.sort(np.load(self.path / tomb, allow_pickle=False)) if tomb
                      else np.zeros(0, dtype=np.int64))
         self._rows: dict[str, int] | None = None
-        self._cleanup: Any = None  # keeps a temporary folder alive (an index built in memory)
+        self._cleanup: Any = None  # the finalizer of `remove_when_unused`
+
+    def remove_when_unused(self, folder: Path) -> None:
+        """Delete `folder` (a temporary one holding this index) once this object is garbage-collected."""
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(folder), True)
 
     # -- opening -----------------------------------------------------------------------------------------
     @classmethod

@@ -13,7 +13,6 @@ import os
 import shutil
 import tempfile
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -211,7 +210,7 @@ def build_index(
         shutil.rmtree(tmp, ignore_errors=True)
     index = EntityIndex.load(target)
     if out is None:
-        index._cleanup = weakref.finalize(index, shutil.rmtree, str(target.parent), True)
+        index.remove_when_unused(target.parent)
     return index
 
 

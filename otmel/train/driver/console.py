@@ -19,7 +19,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tqdm import tqdm
 
@@ -50,6 +50,7 @@ class DriverConsole:
         self._bar: tqdm | None = None
         self._handlers: list[tuple[logging.Logger, logging.Handler]] = []
         self._quieted: list[tuple[logging.Handler, int]] = []
+        self._warnings_state: tuple[Any, list[Any], bool] | None = None
 
     def print(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
@@ -62,6 +63,9 @@ class DriverConsole:
         log.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(log, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        # undone by close(): a run started from Python (or a test) leaves the process's warnings as they were
+        self._warnings_state = (warnings.showwarning, list(warnings.filters),
+                                logging.getLogger("py.warnings").propagate)
         logging.captureWarnings(True)
         warnings.simplefilter("default")
         for name in ("ray", "py.warnings", "deepspeed"):
@@ -138,6 +142,14 @@ class DriverConsole:
         for h in {h for _, h in self._handlers}:
             h.close()
         self._handlers.clear()
+        if self._warnings_state is not None:
+            showwarning, filters, propagate = self._warnings_state
+            logging.captureWarnings(False)
+            warnings.showwarning = showwarning
+            cast(list[Any], warnings.filters)[:] = filters  # in place: the C module holds the same list
+            warnings._filters_mutated()  # type: ignore[attr-defined]  # its cache, as simplefilter() clears it
+            logging.getLogger("py.warnings").propagate = propagate
+            self._warnings_state = None
         self._quieted.clear()
 
 
