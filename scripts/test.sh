@@ -1,17 +1,48 @@
 #!/usr/bin/env bash
 # Set up .venv (scripts/setup.sh) and run the whole test suite, slow end-to-end runs included.
-# `--fast`: the inner loop, without the slow end-to-end runs (-m "not slow"). Other arguments go to pytest,
-# e.g. `bash scripts/test.sh tests/test_link.py -x`.
+# `--fast`: the inner loop, without the slow end-to-end runs (-m "not slow"). Other arguments go to pytest and run
+# it once, e.g. `bash scripts/test.sh tests/test_link.py -x`.
+#
+# The whole suite runs as two pytest processes side by side, each over a fixed set of whole modules in a fixed
+# order (so no test depends on which modules ran before it in its process): the Ray Train modules, and the rest.
+# The slow end-to-end runs wait on processes and sockets much of the time, so two of them share the 2 cores well.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline DS_ACCELERATOR=cpu
 args=()
+split=1
 for a in "$@"; do
-    if [ "$a" = "--fast" ]; then args+=(-m "not slow"); else args+=("$a"); fi
+    if [ "$a" = "--fast" ]; then args+=(-m "not slow"); else args+=("$a"); split=0; fi
 done
 .venv/bin/ruff check otmel ray_jobs bench tests
 .venv/bin/mypy
-# 2 workers, each running one fixed group of whole test modules in a fixed order (tests/conftest.py): the slow
-# end-to-end runs wait on processes and sockets much of the time, so two of them share the 2 cores well
-exec .venv/bin/python -m pytest -q -n 2 --dist loadgroup --durations=25 "${args[@]}"
+if [ "$split" = 0 ]; then
+    exec .venv/bin/python -m pytest -q --durations=25 "${args[@]}"
+fi
+GROUP_A=(tests/test_train_ray.py tests/test_worker_errors.py)
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
+export OTMEL_TEST_THREADS=1  # one torch thread per process: two processes on 2 cores
+set +e
+.venv/bin/python -m pytest -q --durations=15 "${args[@]}" "${GROUP_A[@]}" > "$logs/a.log" 2>&1 &
+pid_a=$!
+.venv/bin/python -m pytest -q --durations=15 "${args[@]}" "${GROUP_A[@]/#/--ignore=}" > "$logs/b.log" 2>&1 &
+pid_b=$!
+wait "$pid_a"; rc_a=$?
+wait "$pid_b"; rc_b=$?
+set -e
+for g in a b; do
+    echo "=============================== tests, group ${g^^} ==============================="
+    cat "$logs/$g.log"
+done
+# pytest's own closing lines are the last of each log: the whole suite's, summed, is the last line here
+passed=$(for g in a b; do tail -n 1 "$logs/$g.log"; done | grep -Eo "[0-9]+ passed" | awk '{s += $1} END {print s + 0}')
+failed=$(for g in a b; do tail -n 1 "$logs/$g.log"; done | grep -Eo "[0-9]+ (failed|error|errors)" | awk '{s += $1} END {print s + 0}')
+status=0
+for rc in "$rc_a" "$rc_b"; do
+    if [ "$rc" != 0 ]; then status=1; fi
+done
+if [ "$status" != 0 ] && [ "$failed" = 0 ]; then failed=1; fi  # a crash or a collection error counts
+echo "${passed} passed, ${failed} failed"
+exit "$status"

@@ -18,29 +18,20 @@ os.environ.pop("RAY_ADDRESS", None)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# 2 cores: one torch thread per test process when the suite runs on 2 workers (scripts/test.sh: -n 2), 2 alone
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+# 2 cores: one torch thread per process when scripts/test.sh runs two pytest processes side by side, 2 alone
+torch.set_num_threads(int(os.environ.get("OTMEL_TEST_THREADS", "2")))
 
-# scripts/test.sh runs the suite on 2 workers (`-n 2 --dist loadgroup`): every module belongs to one of two fixed
-# groups of about equal time (README, "seconds per test module"), each run by one worker process in collection order
-# (the longest modules first). So a worker process always sees the same tests in the same order: no run depends on
-# which module happened to run before it in the same process.
-GROUP_A = ("test_train_ray.py", "test_tune_ray.py", "test_worker_errors.py")
+# The longest modules first (README, "seconds per test module"), the rest in file order: a fixed order.
 LONGEST_FIRST = ("test_train_ray.py", "test_serve.py", "test_node_loss.py", "test_tune_ray.py",
                  "test_worker_errors.py", "test_link_cli.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    def module(item: pytest.Item) -> str:
-        return item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
-
     def rank(item: pytest.Item) -> int:
-        return LONGEST_FIRST.index(module(item)) if module(item) in LONGEST_FIRST else len(LONGEST_FIRST)
+        name = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: the order within a module and among the others is kept
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("A" if module(item) in GROUP_A else "B"))
 
 
 @pytest.fixture(autouse=True)
