@@ -48,6 +48,16 @@ LIMITS = Limits(max_body_bytes=200_000, max_image_bytes=100_000, max_image_pixel
 FAST_DRAIN = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
+def _name(p: Any) -> str:
+    """A process's name, "" once it has exited (a short-lived child of Ray may go between listing and reading)."""
+    import psutil
+
+    try:
+        return str(p.name())
+    except psutil.Error:
+        return ""
+
+
 def _haproxy_pids(directory: Path) -> list[int]:
     """The HAProxy processes of the service whose ingress files are in `directory` (not another service's on the
     machine, a user's or another test's)."""
@@ -383,7 +393,7 @@ def test_otmel_serve_command_runs_in_the_foreground_and_stops_on_ctrl_c_sigterm_
             assert f"http://127.0.0.1:{port}" in line, (line, proc.poll())
             assert f", {want} ingress;" in line, line
             started = psutil.Process(proc.pid).children(recursive=True)  # its Ray's processes, Serve's HAProxy
-            haproxies = [c for c in started if c.name() == "haproxy"]
+            haproxies = [c for c in started if _name(c) == "haproxy"]
             assert bool(haproxies) == (want == "haproxy")
             if n == 0:
                 linker = Linker.from_checkpoint(ckpt, index_dir)
@@ -401,7 +411,7 @@ def test_otmel_serve_command_runs_in_the_foreground_and_stops_on_ctrl_c_sigterm_
             if to_group:
                 os.killpg(proc.pid, sig)
                 time.sleep(0.5)  # the hangup reached the service only: its Ray is there to be stopped in order
-                assert {c.name() for c in _alive(started)} >= {"raylet", "gcs_server"}
+                assert {_name(c) for c in _alive(started)} >= {"raylet", "gcs_server"}
             else:
                 proc.send_signal(sig)
             rc = proc.wait(timeout=240)  # Serve drains its replicas (HAProxy: >= 35 s), then stops Ray: slow on busy
@@ -415,7 +425,7 @@ def test_otmel_serve_command_runs_in_the_foreground_and_stops_on_ctrl_c_sigterm_
             deadline = time.monotonic() + 5
             while _alive(started) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert not _alive(started), [(p.pid, p.name()) for p in _alive(started)]
+            assert not _alive(started), [(p.pid, _name(p)) for p in _alive(started)]
             with socket.socket() as s:  # nothing listens on the port any more (an orphaned HAProxy kept it)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind(("127.0.0.1", port))
