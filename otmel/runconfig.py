@@ -113,13 +113,51 @@ class TrainConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = 2
+    # Ray Train workers: N, or [MIN, MAX] for an elastic run that starts once MIN are placed, grows to MAX as
+    # nodes arrive and shrinks on node loss, resuming from the newest checkpoint at each resize
+    # (docs/scale-out.md, "Elastic training and preemption").
+    num_workers: int | list[int] = 2
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    # Elastic runs only: what stays fixed when the world changes. "per_worker": each worker's batch stays
+    # `train.batch_size`, so the global batch and the global negative pool shrink and grow with the world (a
+    # worker never needs more memory than it was sized for). "global": the global batch stays batch_size * MAX
+    # (each of W workers takes floor(batch_size * MAX / W)), so the loss sees the same pool at any size, capped by
+    # `max_batch_per_worker` (the memory a worker has; past it the global batch shrinks).
+    elastic_batch: Literal["per_worker", "global"] = "per_worker"
+    max_batch_per_worker: int | None = None  # None: no cap
+    # Elastic runs only: how often (seconds) Ray Train looks for room to grow a healthy run
+    # (ScalingConfig.elastic_resize_monitor_interval_s); each growth restarts the workers from a checkpoint.
+    resize_check_s: float = 60.0
 
     def __post_init__(self) -> None:
-        _require("scaling", {"num_workers": (self.num_workers >= 1, ">= 1 (one Ray Train worker at least)"),
-                             "cpus_per_worker": (self.cpus_per_worker >= 1, ">= 1")}, self)
+        n = self.num_workers
+        ok = (isinstance(n, int) and n >= 1) or (isinstance(n, list) and len(n) == 2
+                                                 and all(isinstance(x, int) and not isinstance(x, bool) for x in n)
+                                                 and 1 <= n[0] <= n[1])
+        _require("scaling", {
+            "num_workers": (ok, ">= 1 (one Ray Train worker at least), or [MIN, MAX] with 1 <= MIN <= MAX"),
+            "cpus_per_worker": (self.cpus_per_worker >= 1, ">= 1"),
+            "max_batch_per_worker": (self.max_batch_per_worker is None or self.max_batch_per_worker >= 1,
+                                     ">= 1 or null"),
+            "resize_check_s": (self.resize_check_s >= 0, ">= 0"),
+        }, self)
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list) and self.num_workers[0] != self.num_workers[1]
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
+
+    def describe(self) -> str:
+        """'2' or '1-2 (elastic)': the worker count as the run's header prints it."""
+        return f"{self.min_workers}-{self.max_workers} (elastic)" if self.elastic else str(self.max_workers)
 
 
 @dataclass
@@ -127,6 +165,13 @@ class RunSection:
     storage: str = "runs"  # Ray Train storage path (local folder, or s3://... on a cluster)
     name: str | None = None  # run name; default: the config name plus a timestamp
     max_failures: int = 1  # worker failures tolerated (Ray Train FailureConfig)
+    # Node preemptions (a drained spot node, counted apart from failures: FailureConfig.max_preemption_failures)
+    # the run restarts from; -1: any number.
+    max_preemptions: int = -1
+    # Every this many training steps all workers ask Ray Train whether a node of theirs is being drained
+    # (`ray.train.get_preemption_info`, a barrier across the workers); on a notice they write a just-in-time
+    # checkpoint and keep training. 0: never ask (a preempted node then loses up to one checkpoint interval).
+    preemption_check_every: int = 10
     keep_checkpoints: int = 2
     ray_address: str | None = None  # None: join RAY_ADDRESS / the job's cluster, else start a local Ray
     # "quiet": header, one progress bar and one line per epoch, the final table; worker output, Ray's report dumps
@@ -136,6 +181,8 @@ class RunSection:
 
     def __post_init__(self) -> None:
         _require("run", {"max_failures": (self.max_failures >= -1, ">= -1 (-1: retry forever)"),
+                         "max_preemptions": (self.max_preemptions >= -1, ">= -1 (-1: any number)"),
+                         "preemption_check_every": (self.preemption_check_every >= 0, ">= 0 (0: never)"),
                          "keep_checkpoints": (self.keep_checkpoints >= 2, ">= 2 (while the newest is written, "
                                               "or if it is found corrupt, the one before it must still exist)")},
                  self)

@@ -4,7 +4,8 @@
 # it once, e.g. `bash scripts/test.sh tests/test_link.py -x`.
 #
 # The whole suite runs as two pytest processes side by side, each over a fixed set of whole modules in a fixed
-# order (so no test depends on which modules ran before it in its process): the Ray Train modules, and the rest.
+# order (so no test depends on which modules ran before it in its process): the Ray Train modules with the
+# autoscaling cluster, and the rest.
 # The slow end-to-end runs wait on processes and sockets much of the time, so two of them share the 2 cores well.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ done
 if [ "$split" = 0 ]; then
     exec .venv/bin/python -m pytest -q --durations=25 "${args[@]}"
 fi
-GROUP_A=(tests/test_train_ray.py tests/test_worker_errors.py)
+GROUP_A=(tests/test_train_ray.py tests/test_local_autoscaler.py tests/test_worker_errors.py)
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 export OTMEL_TEST_THREADS=1  # one torch thread per process: two processes on 2 cores

@@ -22,8 +22,9 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ.get("OTMEL_TEST_THREADS", "2")))
 
 # The longest modules first (README, "seconds per test module"), the rest in file order: a fixed order.
-LONGEST_FIRST = ("test_train_ray.py", "test_serve.py", "test_node_loss.py", "test_tune_ray.py",
-                 "test_worker_errors.py", "test_link_cli.py")
+LONGEST_FIRST = ("test_train_ray.py", "test_serve.py", "test_node_loss.py", "test_local_autoscaler.py",
+                 "test_tune_ray.py", "test_worker_errors.py", "test_ray_already_there.py", "test_elastic.py",
+                 "test_link_cli.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

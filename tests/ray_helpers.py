@@ -5,8 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import psutil
 
 from otmel.data.pack import pack
 from otmel.data.synth import generate
@@ -33,3 +38,21 @@ def local_ray(prefix: str, num_cpus: int) -> Iterator[None]:
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def kill_node(node: Any) -> list[int]:
+    """SIGKILL a node's raylet and every process under it (its workers), as a lost machine would: no code path of
+    the workers runs. Returns the pids killed."""
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    victims = [raylet, *raylet.children(recursive=True)]
+    for p in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=30)
+    return [p.pid for p in victims]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -13,6 +13,7 @@ from otmel.model.testing import random_batch, tiny_cfg
 from otmel.runconfig import load_config
 from otmel.train.worker.checkpoint import (
     CheckpointCorruptError,
+    load_checkpoint,
     previous_valid_checkpoint,
     save_checkpoint,
     verify_checkpoint,
@@ -22,14 +23,15 @@ from tests.test_train import FakeEngine
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _save(directory: Path, seed: int = 0) -> None:
+def _save(directory: Path, seed: int = 0, world: int = 2) -> None:
     torch.manual_seed(seed)
     model = OTMEL(tiny_cfg("OT"))
     eng = FakeEngine(model)
     model(random_batch())["S_O"].sum().backward()
     eng.opt.step()
-    st = {"epoch": 1, "step_in_epoch": 0, "global_step": 4, "best_mrr": 0.5, "best_epoch": 1, "history": []}
-    for rank in (0, 1):  # Ray Train merges every rank's files into one folder
+    st = {"epoch": 1, "step_in_epoch": 0, "global_step": 4, "best_mrr": 0.5, "best_epoch": 1, "history": [],
+          "world_size": world}
+    for rank in range(world):  # Ray Train merges every rank's files into one folder
         save_checkpoint(directory, rank=rank, model=model, engine=eng, state=st, best=None,  # type: ignore[arg-type]
                         config={"x": 1})
 
@@ -41,6 +43,21 @@ def test_manifest_lists_every_file_and_verifies(tmp_path: Path) -> None:
                                               "manifest-rank0.json", "manifest-rank1.json"}
     verify_checkpoint(ck, 0)
     verify_checkpoint(ck, 1)
+
+
+def test_every_rank_of_the_saving_world_is_verified_and_a_new_rank_loads_without_its_own_files(tmp_path: Path
+                                                                                                  ) -> None:
+    ck = tmp_path / "checkpoint_2026-01-01_00-00-01"
+    _save(ck, world=2)
+    (ck / "manifest-rank1.json").unlink()  # rank 1's part never finished: its optimizer partition is needed by all
+    with pytest.raises(CheckpointCorruptError, match="manifest-rank1.json"):
+        verify_checkpoint(ck, 0)
+    grown = tmp_path / "checkpoint_2026-01-01_00-00-02"
+    _save(grown, world=1)
+    verify_checkpoint(grown, 2)  # rank 2 of a run that grew from 1 worker to 3: rank 0's files are the whole state
+    model = OTMEL(tiny_cfg("OT"))
+    state, _ = load_checkpoint(grown, rank=2, model=model, engine=FakeEngine(model))  # type: ignore[arg-type]
+    assert state["world_size"] == 1 and state["global_step"] == 4
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "no-manifest"])

@@ -22,9 +22,12 @@ ENTRY = "python ray_jobs/train.py"
 
 
 def _validate(cfg: dict[str, Any]) -> None:
+    """Against the wheel's schema; a cloud config after Ray's own defaults are filled in. The running autoscaler
+    only validates (Ray 2.60 cannot `prepare_config` a fake_multinode config: the wheel lacks its defaults file)."""
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    validate_config(prepare_config(copy.deepcopy(cfg)))
+    cfg = copy.deepcopy(cfg)
+    validate_config(cfg if cfg["provider"]["type"] == "fake_multinode" else prepare_config(cfg))
 
 
 def _launcher_yamls() -> list[Path]:
@@ -33,7 +36,7 @@ def _launcher_yamls() -> list[Path]:
 
 def test_every_cluster_launcher_yaml_validates() -> None:
     paths = _launcher_yamls()
-    assert [p.name for p in paths] == ["aws.yaml"]
+    assert [p.name for p in paths] == ["aws.yaml", "local-autoscaler.yaml"]
     for p in paths:
         _validate(yaml.safe_load(p.read_text()))
 

@@ -105,14 +105,16 @@ def test_evaluation_refuses_a_kg_without_the_gold() -> None:
 
 
 class FakeEngine:
+    zero_stage = 0  # the whole optimizer state on every rank (as DDP)
+
     def __init__(self, model: torch.nn.Module) -> None:
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def optimizer_state(self) -> dict:
         return self.opt.state_dict()
 
-    def load_optimizer_state(self, s: dict) -> None:
-        self.opt.load_state_dict(s)
+    def load_optimizer_state(self, states: list[dict]) -> None:
+        self.opt.load_state_dict(states[0])
 
     def scheduler_state(self) -> dict:
         return {"last_batch_iteration": 7}

@@ -251,7 +251,9 @@ def test_a_corrupt_training_shard_through_the_console_script(toy: Path, tmp_path
             "wandb.enabled=false", f"run.storage={tmp_path / 'runs'}", "run.name=rot"]
     out = subprocess.run([EXE, "train", *args], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     log = tmp_path / "runs" / "rot" / "logs" / "worker-rank0.log"
-    lines = [ln for ln in out.stderr.strip().splitlines() if ln.startswith("otmel train:")]
+    said = [ln for ln in out.stderr.strip().splitlines() if ln.startswith("otmel train:")]
+    assert said[0].startswith("otmel train: started a local Ray of its own"), said  # which Ray, then the error
+    lines = said[1:]
     assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
     names = "|".join(re.escape(str(p)) for p in bad)
     assert re.fullmatch(rf"otmel train: error: shard ({names}): sha256 [0-9a-f]{{12}}\.\.\., the manifest says "

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import cast
 
-from otmel.cli.common import fail
+from otmel.cli.common import add_address, fail, ray_handler
 
 
 def _link_errors() -> tuple[type[BaseException], ...]:
@@ -69,6 +69,7 @@ def _cmd_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="Ray actors, one KG shard per task (0: in this process)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-progress", action="store_true")
+    add_address(p, config_key=False)
     _ann_args(p, build=True)
 
     def run(args: argparse.Namespace) -> int:
@@ -113,7 +114,7 @@ def _cmd_index(sub: argparse._SubParsersAction) -> None:
               f"{args.out} (checkpoint sha256 {index.checkpoint_sha256[:16]}...)")
         return 0
 
-    p.set_defaults(func=run)
+    p.set_defaults(func=ray_handler("index", run))
 
 
 def _cmd_link(sub: argparse._SubParsersAction) -> None:
@@ -179,6 +180,7 @@ def _cmd_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="a seeded random subset of N mentions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="Ray actors encoding the KG (0: in this process)")
+    add_address(p, config_key=False)
     p.add_argument("--terms", action="store_true",
                    help="exhaustive mode: also rank by each score term alone (S_F, S_T, S_V, text cosine, text CA)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the full result (per mention) here")
@@ -203,7 +205,7 @@ def _cmd_eval(sub: argparse._SubParsersAction) -> None:
                 json.dump(res, f, indent=1)
         return 0
 
-    p.set_defaults(func=run)
+    p.set_defaults(func=ray_handler("eval", run))
 
 
 def _cmd_explain(sub: argparse._SubParsersAction) -> None:

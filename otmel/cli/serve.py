@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from otmel.cli.common import add_address, ray_handler
+
 
 def _cmd_serve(sub: argparse._SubParsersAction) -> None:
     from otmel.serve.requests import Limits
@@ -30,7 +32,7 @@ def _cmd_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--candidates", type=int, default=128, help="first-stage candidates re-ranked (two-stage)")
     p.add_argument("--watch-index-s", type=float, default=2.0,
                    help="each replica re-reads the index manifest at most this often (0: only on /admin/reload)")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
+    add_address(p, config_key=False)
     p.add_argument("--tuning", choices=["throughput", "ray-default"], default="throughput",
                    help="Ray Serve request-path settings for the local Ray this starts (otmel/serve/run.py "
                    "SERVE_TUNINGS; on a cluster, its environment decides)")
@@ -49,7 +51,7 @@ def _cmd_serve(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-batch-items", type=int, default=d.max_batch_items)
     g.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
     g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
-    p.set_defaults(func=_serve)
+    p.set_defaults(func=ray_handler("serve", _serve))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -61,7 +63,8 @@ def _serve(args: argparse.Namespace) -> int:
     return serve_forever(ServeOptions(
         checkpoint=args.checkpoint, index=args.index, host=args.host, port=args.port, replicas=args.replicas,
         replica_cpus=args.replica_cpus, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-        mode=args.mode, candidates=args.candidates, watch_index_s=args.watch_index_s, address=args.address,
+        mode=args.mode, candidates=args.candidates, watch_index_s=args.watch_index_s,
+        address=None if (args.address or "").strip() == "local" else args.address,  # local: a Ray of its own
         tuning=args.tuning, ingress=args.ingress, access_log=args.access_log,
         shutdown_grace_s=args.shutdown_grace_s, limits=limits))
 

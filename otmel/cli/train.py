@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from otmel.cli.common import debug_wanted, fail, worker_failed
+from otmel.cli.common import add_address, address_overrides, debug_wanted, fail, ray_handler, worker_failed
 from otmel.errors import WorkerError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -13,10 +13,13 @@ Handler = Callable[[argparse.Namespace], int]
 
 def _reporting(cmd: str, run: Handler) -> Handler:
     """`run`, with a failed training run (a Ray Train worker's error, or Ray's) reported in one line
-    (`otmel.cli.common.worker_failed`: exit 2 when the user can fix it, else 1)."""
+    (`otmel.cli.common.worker_failed`: exit 2 when the user can fix it, else 1), and its `--address` checked and
+    named to the Ray it starts or joins (`otmel.cli.common.ray_handler`)."""
+    with_ray = ray_handler(cmd, run)
+
     def handler(args: argparse.Namespace) -> int:
         try:
-            return run(args)
+            return with_ray(args)
         except WorkerError as exc:
             if debug_wanted(args):
                 raise
@@ -36,12 +39,14 @@ def _cmd_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run stored in RUN_DIR")
     p.add_argument("--verbose", action="store_true",
                    help="show Ray's worker output, report dumps and library warnings (default: RUN_DIR/logs/)")
+    add_address(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides such as train.epochs=2")
 
     def run(args: argparse.Namespace) -> int:
         from otmel.train.driver.launch import main as train_main
 
-        train_main(args.config, [*args.overrides, *(["run.console=verbose"] if args.verbose else [])], args.resume)
+        train_main(args.config, [*args.overrides, *address_overrides(args),
+                                 *(["run.console=verbose"] if args.verbose else [])], args.resume)
         return 0
 
     p.set_defaults(func=_reporting("train", run))
@@ -51,12 +56,13 @@ def _cmd_baseline(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("baseline", help="string-match and CLS-only baselines (default: the synthetic data)")
     p.add_argument("--config", default=None, help="YAML run config (default: configs/synth.yaml)")
     p.add_argument("--split", default="test", choices=["dev", "test"])
+    add_address(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides for the CLS-only run")
 
     def run(args: argparse.Namespace) -> int:
         from otmel.train.driver.launch import baselines
 
-        baselines(args.config, args.overrides, args.split)
+        baselines(args.config, [*args.overrides, *address_overrides(args)], args.split)
         return 0
 
     p.set_defaults(func=_reporting("baseline", run))
@@ -80,6 +86,7 @@ def _cmd_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--search", required=True, help="sweep file, e.g. configs/search/ot.yaml")
     p.add_argument("--name", default=None, help="sweep name (default: the sweep file's name + a timestamp)")
     p.add_argument("--resume", action="store_true", help="restore the interrupted sweep --name and finish it")
+    add_address(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides for every trial")
 
     def run(args: argparse.Namespace) -> int:
@@ -87,7 +94,8 @@ def _cmd_tune(sub: argparse._SubParsersAction) -> None:
 
         if args.resume and not args.name:
             return fail("tune", "--resume needs --name")
-        run_sweep(args.config, args.search, args.overrides, name=args.name, resume=args.resume)
+        run_sweep(args.config, args.search, [*args.overrides, *address_overrides(args)], name=args.name,
+                  resume=args.resume)
         return 0
 
     p.set_defaults(func=_reporting("tune", run))
@@ -106,6 +114,7 @@ def _cmd_ablate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrent", type=int, default=1, help="trials at a time (default 1)")
     p.add_argument("--name", default=None, help="experiment name (default: ablation + a timestamp)")
     p.add_argument("--resume", action="store_true", help="restore the interrupted ablation --name and finish it")
+    add_address(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides, e.g. train.epochs=3")
 
     def run(args: argparse.Namespace) -> int:
@@ -113,7 +122,8 @@ def _cmd_ablate(sub: argparse._SubParsersAction) -> None:
 
         if args.resume and not args.name:
             return fail("ablate", "--resume needs --name")
-        run_ablation(args.config, args.overrides, variants=_csv_list(args.variants) if args.variants else None,
+        run_ablation(args.config, [*args.overrides, *address_overrides(args)],
+                     variants=_csv_list(args.variants) if args.variants else None,
                      seeds=[int(s) for s in _csv_list(args.seeds)], name=args.name, resume=args.resume,
                      concurrent=args.concurrent)
         return 0
@@ -146,6 +156,7 @@ def _cmd_study(sub: argparse._SubParsersAction) -> None:
                    help="paired comparisons a-b, comma-separated, e.g. OT-A1,OT-CLS (default: each vs the first)")
     p.add_argument("--report", default=None, metavar="PATH",
                    help="train nothing: write the study's tables from its rows so far to PATH ('-': stdout)")
+    add_address(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides for every trial")
 
     def run(args: argparse.Namespace) -> int:
@@ -178,8 +189,8 @@ def _cmd_study(sub: argparse._SubParsersAction) -> None:
                     raise ValueError(f"--pairs {args.pairs!r}: each pair is A-B")
         except ValueError as exc:
             return fail("study", exc)
-        run_study(args.config, args.overrides, name=args.name, variants=_csv_list(args.variants), seeds=seeds,
-                  pairs=pairs)  # type: ignore[arg-type]
+        run_study(args.config, [*args.overrides, *address_overrides(args)], name=args.name,
+                  variants=_csv_list(args.variants), seeds=seeds, pairs=pairs)  # type: ignore[arg-type]
         return 0
 
     p.set_defaults(func=_reporting("study", run))

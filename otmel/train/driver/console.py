@@ -115,6 +115,11 @@ class DriverConsole:
         elif kind == "epoch_end":
             self._close_bar()
             self.print(format_epoch_line(event[1], self.epochs))
+        elif kind == "note":  # a line of the run's own (a resize, a preemption notice), above the bar
+            if self._bar is not None:
+                self._bar.write(f"[otmel] {event[1]}", file=self.stream)
+            else:
+                self.print(f"[otmel] {event[1]}")
 
     def _close_bar(self) -> None:
         if self._bar is not None:

@@ -75,8 +75,19 @@ def init_ray(cfg: RunConfig, extra_cpus: int = 0, concurrent: int = 1) -> None:
     """Join the configured / job's cluster or start a local Ray with room for `concurrent` runs of `cfg`."""
     from otmel.ray_runtime import start_ray
 
-    start_ray(address=cfg.run.ray_address, cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker * concurrent
+    start_ray(address=cfg.run.ray_address, cpus=cfg.scaling.max_workers * cfg.scaling.cpus_per_worker * concurrent
               + extra_cpus, env_vars=_worker_env(cfg), verbose=cfg.run.console == "verbose")
+
+
+def scaling_config(cfg: RunConfig) -> Any:
+    """Ray Train's ScalingConfig of the run: N workers, or (MIN, MAX) with the resize check of an elastic run."""
+    from ray.train.v2.api.config import ScalingConfig  # = ray.train.ScalingConfig (Train v2), typed as v2's
+
+    sc = cfg.scaling
+    workers: int | tuple[int, int] = (sc.min_workers, sc.max_workers) if sc.elastic else sc.max_workers
+    return ScalingConfig(num_workers=workers, use_gpu=sc.use_gpu,
+                                   resources_per_worker={"CPU": sc.cpus_per_worker},
+                                   elastic_resize_monitor_interval_s=sc.resize_check_s)
 
 
 def build_trainer(cfg: RunConfig, run_name: str, callbacks: list[Any] | None = None, console: Any = None) -> Any:
@@ -85,6 +96,7 @@ def build_trainer(cfg: RunConfig, run_name: str, callbacks: list[Any] | None = N
     driver's progress queue (`otmel.train.driver.console.DriverConsole.open_channel`), or None."""
     import ray.train
     from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.config import FailureConfig  # = ray.train.FailureConfig (Train v2), typed as v2's
 
     from otmel.train.worker.loop import fault_run_config, train_worker
 
@@ -92,13 +104,11 @@ def build_trainer(cfg: RunConfig, run_name: str, callbacks: list[Any] | None = N
     return TorchTrainer(
         train_worker,
         train_loop_config={"run": cfg.to_dict(), "run_dir": str(run_dir), "console": console},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             storage_path=cfg.run.storage, name=run_name,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures,
+                                         max_preemption_failures=cfg.run.max_preemptions),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             callbacks=list(callbacks or []), **fault_run_config(),
         ),
@@ -120,18 +130,21 @@ def run_trainer(trainer: Any, cfg: RunConfig, run_name: str) -> dict[str, Any]:
         raise
     wall = time.perf_counter() - t0
     metrics = dict(result.metrics or {})
-    history: list[dict[str, Any]] = []
-    if result.checkpoint is not None:  # per-epoch metrics (train losses, lr, samples/s, dev) of the run
+    state: dict[str, Any] = {}
+    if result.checkpoint is not None:  # per-epoch metrics (train losses, lr, samples/s, dev), resizes, preemptions
         with result.checkpoint.as_directory() as d:
             state_file = Path(d) / "state.json"
             if state_file.exists():
-                history = json.loads(state_file.read_text()).get("history", [])
+                state = json.loads(state_file.read_text())
     results = {
         "run_dir": str(run_dir),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "wall_seconds": wall,
         "metrics": metrics,
-        "history": history,
+        "history": state.get("history", []),
+        "samples": state.get("samples"),
+        "resizes": state.get("resizes", []),  # an elastic run's world changes: {time, global_step, samples, from, to}
+        "preemptions": state.get("preemptions", []),  # the notices it wrote a just-in-time checkpoint for
         "config": cfg.to_dict(),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +173,7 @@ def header(cfg: RunConfig, run_name: str, config: str | None) -> str:
     strategy = cfg.train.strategy + (f" ({Path(cfg.train.deepspeed_config).stem})"
                                      if cfg.train.strategy == "deepspeed" else "")
     return (f"otmel train: run {run_name} | config {config or DEFAULT_CONFIG} | model {cfg.model.variant} | "
-            f"{cfg.scaling.num_workers} worker(s) x {cfg.scaling.cpus_per_worker} CPU"
+            f"{cfg.scaling.describe()} worker(s) x {cfg.scaling.cpus_per_worker} CPU"
             f"{' + GPU' if cfg.scaling.use_gpu else ''} | {strategy} | {cfg.train.epochs} epochs, batch "
             f"{cfg.train.batch_size}/worker, negatives {cfg.train.negatives}\n"
             f"logs: {local_run_dir(cfg, run_name) / 'logs'} (otmel train --verbose: on the console)")

@@ -5,6 +5,11 @@ Layout of one checkpoint directory (Ray Train merges the per-rank files into one
 - `best.safetensors`       weights of the best dev-MRR epoch so far, when one exists (rank 0)
 - `state.json`             epoch, step in epoch, global step, best MRR/epoch, history, the run config (rank 0)
 - `optim-rank{r}.pt`       that rank's optimizer state (its ZeRO partition), LR scheduler and RNG states
+- `manifest-rank{r}.json`  sizes and sha256 of the files rank r wrote, written last
+
+A checkpoint written by W ranks loads on W' ranks (an elastic run that grew or shrank, `otmel.train.worker.
+elastic`): the model and state are rank 0's, the optimizer is merged from every saved rank's file
+(`Engine.load_optimizer_state`), and a rank the saving run did not have starts from its seeded RNG.
 - `extra.safetensors`      run-level tensors, when any (rank 0): the mined hard-negative table
 
 Weights are safetensors; the `.pt` files hold only tensors and plain Python values and are read with
@@ -111,28 +116,46 @@ class CheckpointCorruptError(UserError, RuntimeError):
     """A checkpoint's file is missing or differs from its manifest (truncated, corrupted, half-written)."""
 
 
+def saved_world_size(directory: Path) -> int | None:
+    """The number of ranks that wrote the checkpoint (state.json's `world_size`; None for checkpoints written before
+    it was recorded, or when state.json cannot be read)."""
+    try:
+        value = json.loads((directory / STATE_FILE).read_text()).get("world_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(value) if isinstance(value, int) and value >= 1 else None
+
+
 def verify_checkpoint(directory: Path, rank: int) -> None:
     """Check every rank's files against their manifests (so that all ranks judge a checkpoint alike and resume
-    from the same one); rank 0's (model, state) and `rank`'s own must be there. Raises `CheckpointCorruptError`
-    naming the first bad file."""
+    from the same one); rank 0's (model, state) must be there, and every rank of the saving run's world (their
+    optimizer partitions are all read on resume), or `rank`'s own for a checkpoint that does not record its world.
+    Raises `CheckpointCorruptError` naming the first bad file."""
     present = {int(p.name[len("manifest-rank"):-len(".json")]) for p in directory.glob("manifest-rank*.json")
                if p.name[len("manifest-rank"):-len(".json")].isdigit()}
-    for r in sorted(present | {0, rank}):
-        mpath = directory / f"manifest-rank{r}.json"
-        try:
-            files = json.loads(mpath.read_text())["files"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise CheckpointCorruptError(f"checkpoint {directory}: {mpath.name} missing or unreadable ({exc})") \
-                from None
-        for name, want in files.items():
-            path = directory / name
-            if not path.is_file():
-                raise CheckpointCorruptError(f"checkpoint {directory}: {name} is missing")
-            if path.stat().st_size != want["bytes"]:
-                raise CheckpointCorruptError(f"checkpoint {directory}: {name} has {path.stat().st_size} bytes, its "
-                                             f"manifest says {want['bytes']} (truncated)")
-            if sha256_file(path) != want["sha256"]:
-                raise CheckpointCorruptError(f"checkpoint {directory}: {name} differs from its manifest (sha256)")
+    _verify_rank(directory, 0)
+    world = saved_world_size(directory)
+    needed = set(range(world)) if world is not None else {rank}
+    for r in sorted((present | needed) - {0}):
+        _verify_rank(directory, r)
+
+
+def _verify_rank(directory: Path, r: int) -> None:
+    mpath = directory / f"manifest-rank{r}.json"
+    try:
+        files = json.loads(mpath.read_text())["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointCorruptError(f"checkpoint {directory}: {mpath.name} missing or unreadable ({exc})") \
+            from None
+    for name, want in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointCorruptError(f"checkpoint {directory}: {name} is missing")
+        if path.stat().st_size != want["bytes"]:
+            raise CheckpointCorruptError(f"checkpoint {directory}: {name} has {path.stat().st_size} bytes, its "
+                                         f"manifest says {want['bytes']} (truncated)")
+        if sha256_file(path) != want["sha256"]:
+            raise CheckpointCorruptError(f"checkpoint {directory}: {name} differs from its manifest (sha256)")
 
 
 def previous_valid_checkpoint(latest: Path, rank: int) -> Path | None:
@@ -151,16 +174,23 @@ def previous_valid_checkpoint(latest: Path, rank: int) -> Path | None:
 def load_checkpoint(
     directory: Path, *, rank: int, model: nn.Module, engine: Engine | None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-    """Restore model (+ optimizer, scheduler, RNG of this rank); returns (train state, best weights)."""
+    """Restore model (+ optimizer, scheduler, and this rank's RNG when the saving run had this rank); returns
+    (train state, best weights). The saving run's world size may differ from this one's (module docstring)."""
     model.load_state_dict(load_file(str(directory / MODEL_FILE)))
     state = json.loads((directory / STATE_FILE).read_text())
     state.pop("config", None)
     best = load_file(str(directory / BEST_FILE)) if (directory / BEST_FILE).exists() else None
     if engine is not None:
-        blob = load_state_file(directory / f"optim-rank{rank}.pt")
-        engine.load_optimizer_state(blob["optimizer"])
-        engine.load_scheduler_state(blob["scheduler"])
-        set_rng_state(blob["rng"])
+        world = saved_world_size(directory)
+        ranks = range(world) if world is not None else [rank]
+        blobs = {r: load_state_file(directory / f"optim-rank{r}.pt") for r in ranks}
+        if engine.zero_stage >= 1 and world is None:  # an older checkpoint: this rank's own partition only
+            engine.load_legacy_optimizer_state(blobs[rank]["optimizer"])
+        else:
+            engine.load_optimizer_state([blobs[r]["optimizer"] for r in ranks])
+        engine.load_scheduler_state(blobs[min(blobs)]["scheduler"])
+        if rank in blobs:
+            set_rng_state(blobs[rank]["rng"])
     return state, best
 
 

@@ -21,12 +21,18 @@ from otmel.io import atomic_path
 from otmel.runconfig import TrainConfig
 
 
-def load_ds_config(train: TrainConfig, total_steps: int, use_gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed JSON with the run's values filled in (batch size, clipping, schedule, precision)."""
+def load_ds_config(train: TrainConfig, total_steps: int, use_gpu: bool, batch_size: int | None = None
+                   ) -> dict[str, Any]:
+    """The DeepSpeed JSON with the run's values filled in (batch size: `batch_size`, default `train.batch_size`;
+    clipping, schedule over `total_steps`, precision). ZeRO 1/2 write their optimizer state in DeepSpeed's elastic
+    layout (padding stripped), so that W ranks' partitions load on W' ranks (`Engine.load_optimizer_state`)."""
     with open(train.deepspeed_config) as f:
         ds = json.load(f)
     ds = copy.deepcopy(ds)
-    ds["train_micro_batch_size_per_gpu"] = train.batch_size
+    ds["train_micro_batch_size_per_gpu"] = batch_size or train.batch_size
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage", 0) in (1, 2):
+        zero["elastic_checkpoint"] = True
     ds.setdefault("gradient_accumulation_steps", 1)
     ds.pop("train_batch_size", None)
     ds["gradient_clipping"] = train.grad_clip
@@ -58,9 +64,10 @@ def param_groups(model: nn.Module, lr: float, head_lr: float | None) -> list[dic
 class Engine:
     """model + optimizer + LR schedule; `forward`, `step(loss)`, and state for checkpoints."""
 
-    def __init__(self, model: nn.Module, train: TrainConfig, total_steps: int, world_size: int, use_gpu: bool) -> None:
+    def __init__(self, model: nn.Module, train: TrainConfig, total_steps: int, world_size: int, use_gpu: bool,
+                 batch_size: int | None = None) -> None:
         self.strategy = train.strategy
-        self.ds_config = load_ds_config(train, total_steps, use_gpu)
+        self.ds_config = load_ds_config(train, total_steps, use_gpu, batch_size)
         self.module = model
         optimizer = torch.optim.AdamW(param_groups(model, train.lr, train.head_lr), lr=train.lr,
                                       weight_decay=train.weight_decay)
@@ -89,17 +96,20 @@ class Engine:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward_module(*args, **kwargs)
 
-    def step(self, loss: torch.Tensor) -> None:
+    def step(self, loss: torch.Tensor, lr_iteration: float | None = None) -> None:
+        """Backward + optimizer step; then the LR schedule moves to `lr_iteration` (the run's clock,
+        `otmel.train.worker.elastic.SampleClock.lr_iteration`), or one step on without it."""
+        lr_kwargs = {"last_batch_iteration": lr_iteration} if lr_iteration is not None else {}
         if self.strategy == "deepspeed":
             self.engine.backward(loss)
-            self.engine.step()
+            self.engine.step(lr_kwargs=lr_kwargs)
             return
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip:
             nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         self.optimizer.step()
-        self.scheduler.step()
+        self.scheduler.step(**lr_kwargs)
 
     @property
     def lr(self) -> float:
@@ -113,16 +123,33 @@ class Engine:
         """This rank's optimizer state (its ZeRO partition) in types `torch.load(weights_only=True)` accepts."""
         return _plain(self.optimizer.state_dict())
 
-    def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        if self.zero_stage >= 1:
-            # ZeRO takes one entry per data-parallel rank and reads its own; the model's weights (loaded
-            # first) give the fp32 master partition (fp32 training: they are identical).
-            import torch.distributed as dist
+    def load_optimizer_state(self, states: list[dict[str, Any]]) -> None:
+        """Restore the optimizer from the states every rank of the saving run wrote (`optimizer_state`, in rank
+        order), whatever that run's world size was. Without ZeRO every rank holds the whole state: rank 0's is
+        loaded. ZeRO 1/2 (elastic layout, `load_ds_config`): DeepSpeed merges the W saved partitions and cuts this
+        rank's partition of the W' ranks now running; the fp32 master weights come from the saved partitions too."""
+        if self.zero_stage == 0:
+            self.optimizer.load_state_dict(states[0])
+            return
+        if self.zero_stage > 2:
+            raise NotImplementedError("resuming ZeRO stage 3 optimizer state is not supported; use stage 1 or 2")
+        import torch.distributed as dist
 
-            world, rank = dist.get_world_size(), dist.get_rank()
-            self.optimizer.load_state_dict([state if r == rank else None for r in range(world)])
-        else:
-            self.optimizer.load_state_dict(state)
+        self.optimizer.load_state_dict(zero_state_list(states, dist.get_world_size()), load_from_fp32_weights=True)
+        # DeepSpeed 0.19.8 restores a state it did not hold yet (a fresh engine's) padded to one dimension, torch's
+        # scalar Adam `step` included; a later save would then cut the step like a partition: keep it a scalar
+        for state in self.optimizer.optimizer.state.values():
+            step = state.get("step")
+            if torch.is_tensor(step) and step.dim():
+                state["step"] = step.reshape(-1)[0].clone()
+
+    def load_legacy_optimizer_state(self, state: dict[str, Any]) -> None:
+        """This rank's ZeRO partition from a checkpoint of the same world written before the elastic layout (it
+        holds no world size): ZeRO reads its own entry of a per-rank list."""
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        self.optimizer.load_state_dict([state if r == rank else None for r in range(world)])
 
     def scheduler_state(self) -> dict[str, Any]:
         return self.scheduler.state_dict()
@@ -135,6 +162,29 @@ class Engine:
 
     def eval(self) -> None:
         self.module.eval()
+
+
+def zero_state_list(states: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
+    """The list DeepSpeed's ZeRO 1/2 `load_state_dict` takes (one entry per rank; it reads its own rank's for the
+    global settings and merges the partitions of all entries), for `world_size` ranks from the states of
+    `len(states)` saved ranks. More ranks than saved: the extra entries are rank 0's state with empty partitions,
+    which add nothing to the merge (DeepSpeed itself only accepts a list at least as long as the world)."""
+    # DeepSpeed reads the step from the state's top level, where it only writes one its optimizer keeps in the
+    # param groups (torch's AdamW keeps it per parameter): give it the step of the saved state itself
+    step = states[0]["base_optimizer_state"][0].get("step", 0)
+    states = [{"base_optimizer_state_step": step, **s} for s in states]
+    if len(states) >= world_size:
+        return states
+    first = states[0]
+    partitions = [t.numel() for t in first["single_partition_of_fp32_groups"]]
+
+    def empty_like_partitions(group_states: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: (v.new_empty(0) if torch.is_tensor(v) and v.dim() == 1 and v.numel() == n else v)
+                 for k, v in g.items()} for g, n in zip(group_states, partitions, strict=True)]
+
+    filler = {**first, "base_optimizer_state": empty_like_partitions(first["base_optimizer_state"]),
+              "single_partition_of_fp32_groups": [t.new_empty(0) for t in first["single_partition_of_fp32_groups"]]}
+    return [*states, *([filler] * (world_size - len(states)))]
 
 
 def _plain(obj: Any) -> Any:

@@ -1,11 +1,15 @@
 """The per-worker training loop that Ray Train runs on every worker (`TorchTrainer(train_worker, ...)`).
 
-Per epoch: `steps_per_epoch` steps on the seeded training stream of (seed, epoch, rank) — every rank runs
-the same number of steps — with the global negative pool; then (every `eval_every` epochs) whole-KG
-validation; then one checkpoint + report, a barrier that every rank reaches the same number of times.
-At the end: the test split with the best-dev-MRR weights. Resume restores model, optimizer, scheduler, RNG
-and the stream position (epoch + step in epoch: the stream of an epoch is a function of its seed, so the
-resumed run skips exactly the batches it had consumed and sees the samples an uninterrupted run would).
+Per epoch: steps on the seeded training stream of (seed, epoch, rank) — every rank runs the same number of
+steps — with the global negative pool, until the run has seen the epoch's samples (`otmel.train.worker.elastic`:
+the run's clock is in samples, so an elastic run that resizes keeps its schedule); then (every `eval_every`
+epochs) whole-KG validation; then one checkpoint + report, a barrier that every rank reaches the same number of
+times. Every `run.preemption_check_every` steps the workers ask Ray Train whether one of their nodes is being
+drained, and write a just-in-time checkpoint on a notice. At the end: the test split with the best-dev-MRR
+weights. Resume restores model, optimizer, scheduler, RNG and the stream position (epoch + step in epoch: the
+stream of an epoch is a function of its seed, so a resumed run of the same world size skips exactly the batches it
+had consumed and sees the samples an uninterrupted run would; after a resize it takes up the new world's stream
+at the share of the epoch already done).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from otmel.train.worker.checkpoint import (
     verify_checkpoint,
 )
 from otmel.train.worker.distributed import all_reduce_sum, entity_pool_for
+from otmel.train.worker.elastic import SampleClock, worker_batch
 from otmel.train.worker.engine import Engine
 from otmel.train.worker.evaluate import encode_kg, evaluate_split
 from otmel.train.worker.mining import HardNegativeSchedule
@@ -59,6 +64,7 @@ def seed_everything(seed: int) -> None:
 
 
 def steps_per_epoch(cfg: RunConfig, world_size: int) -> int:
+    """Steps of one epoch at `world_size` workers of `train.batch_size` (`train.steps_per_epoch` when set)."""
     if cfg.train.steps_per_epoch:
         return cfg.train.steps_per_epoch
     n_train = split_counts(Path(cfg.data.shards))["train"]
@@ -155,6 +161,11 @@ class TrainState:
     best_mrr: float = -1.0  # best dev MRR so far and the epoch it was reached (1-based; -1: none yet)
     best_epoch: int = -1
     history: list[dict[str, float]] = field(default_factory=list)  # every epoch's metrics
+    samples: int = 0  # training samples seen by the whole run: its clock (otmel/train/worker/elastic.py)
+    world_size: int = 0  # the world that wrote this state (0: none yet)
+    stream_world: int = 0  # the world whose epoch stream `step_in_epoch` counts batches of
+    resizes: list[dict[str, Any]] = field(default_factory=list)  # {time, global_step, samples, from, to}
+    preemptions: list[dict[str, Any]] = field(default_factory=list)  # notices: {time, global_step, deadline_ms, ...}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
@@ -177,8 +188,13 @@ class Worker:
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         self.model = OTMEL(cfg.model)
         self.pre = build_preprocessor(cfg.model)
-        self.steps = steps_per_epoch(cfg, self.world)
-        self.engine = Engine(self.model, cfg.train, self.steps * cfg.train.epochs, self.world, cfg.scaling.use_gpu)
+        self.batch = worker_batch(cfg.scaling, cfg.train.batch_size, self.world)
+        reference = cfg.train.batch_size * cfg.scaling.max_workers
+        self.clock = SampleClock(reference, steps_per_epoch(cfg, cfg.scaling.max_workers) * reference,
+                                 cfg.train.epochs)
+        self.steps = self.clock.stream_steps(self.batch * self.world)  # batches of an epoch's stream
+        self.engine = Engine(self.model, cfg.train, self.clock.reference_steps, self.world, cfg.scaling.use_gpu,
+                             batch_size=self.batch)
         self.loss_fn = OTMELLoss(cfg.model.kd, cfg.model.kd_weight, cfg.model.kd_target)
         self.pool = entity_pool_for(cfg.train.negatives, self.rank, self.world,
                                     gather_with_grad=cfg.train.gather_with_grad)
@@ -191,6 +207,8 @@ class Worker:
         self.config_dict = cfg.to_dict()
         self.tracker: Tracker | None = None
         self.fail_at_step = fault_step()
+        self.notice: tuple[Any, ...] | None = None  # the preemption notice a JIT checkpoint was written for
+        self.poll_seconds, self.polls = 0.0, 0
 
     def resume(self) -> None:
         import ray.train
@@ -212,11 +230,21 @@ class Worker:
             self.state = TrainState.from_dict(st)
             if self.hard is not None:
                 self.hard.restore(load_extra(directory))
+        state = self.state
+        if not state.samples and state.global_step:  # a checkpoint from before the clock: fixed size, whole steps
+            state.samples = state.epoch * self.clock.epoch_samples + state.step_in_epoch * self.batch * self.world
+        if state.world_size and state.world_size != self.world:
+            state.resizes.append({"time": time.time(), "global_step": state.global_step, "samples": state.samples,
+                                  "from": state.world_size, "to": self.world})
+            self.console.note(f"resized from {state.world_size} to {self.world} worker(s) at step {state.global_step} "
+                              f"({state.samples} samples): per-worker batch {self.batch}, global batch "
+                              f"{self.batch * self.world}")
 
     def report(self, metrics: dict[str, float]) -> None:
         """Checkpoint (every rank writes its files) and report: a barrier every rank reaches equally often."""
         import ray.train
 
+        self.state.world_size = self.world
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(Path(tmp), rank=self.rank, model=self.model, engine=self.engine,
                             state=asdict(self.state), best=self.best, config=self.config_dict,
@@ -224,10 +252,15 @@ class Worker:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        """The epoch's steps on the seeded stream of (seed, epoch, rank), skipping those a checkpoint had done."""
-        cfg, st = self.cfg, self.state
+        """The epoch's steps on the seeded stream of (seed, epoch, rank), skipping those a checkpoint had done,
+        until the run's clock reaches the epoch's end."""
+        cfg, st, clock = self.cfg, self.state, self.clock
+        global_batch = self.batch * self.world
+        if st.stream_world and st.stream_world != self.world:  # resized mid-epoch: the new stream, at the share done
+            st.step_in_epoch = max(0, st.samples - epoch * clock.epoch_samples) // global_batch
+        st.stream_world = self.world
         hard_stats = self.hard.start_epoch(self.model, epoch) if self.hard is not None else {}
-        loader = train_loader(Path(cfg.data.shards), self.pre, batch_size=cfg.train.batch_size,
+        loader = train_loader(Path(cfg.data.shards), self.pre, batch_size=self.batch,
                               steps_per_epoch=self.steps, epoch=epoch, seed=cfg.train.seed, rank=self.rank,
                               world_size=self.world, num_workers=cfg.data.num_workers,
                               shuffle_buffer=cfg.data.shuffle_buffer, integrity=cfg.data.integrity)
@@ -236,15 +269,17 @@ class Worker:
         sums: dict[str, float] = {}
         t0, n_samples, finite = time.perf_counter(), 0, 0
         for i, batch in enumerate(loader):
-            if i < skip:
-                continue  # the batches consumed before the checkpoint we resumed from
+            if i < skip or clock.epoch_done(epoch, st.samples):
+                continue  # consumed before the checkpoint we resumed from / past the epoch's samples (a resize)
             _maybe_inject_fault(self.fail_at_step, st.global_step, self.rank, self.world, self.run_dir)
             if self.hard is not None:
                 batch = self.hard.augment(batch, epoch, i)
             terms = self.loss_fn(**self.engine(batch, entity_pool=self.pool))
             skipped = self.nonfinite.skip(terms, st.global_step + 1)
+            before = st.samples
+            st.samples += global_batch
             if not skipped:
-                self.engine.step(terms["loss"])
+                self.engine.step(terms["loss"], clock.lr_iteration(st.samples))
                 finite += 1
             st.global_step, st.step_in_epoch = st.global_step + 1, i + 1
             n_samples += len(batch["m_index"]) * self.world
@@ -254,16 +289,45 @@ class Worker:
             if self.tracker is not None and st.global_step % 10 == 0:
                 self.tracker.log({f"train/{k}": float(v.detach()) for k, v in terms.items()}
                                  | {"train/lr": self.engine.lr}, st.global_step)
-            if cfg.train.checkpoint_every and (i + 1) % cfg.train.checkpoint_every == 0 and i + 1 < self.steps:
+            if clock.checkpoint_due(cfg.train.checkpoint_every, epoch, before, st.samples):
                 self.report({"epoch": epoch, "global_step": st.global_step})
+            self.check_preemption(epoch)
         metrics = {f"train/{k}": v / max(1, finite) for k, v in sums.items()}  # means over the steps taken
         metrics.update({"epoch": epoch + 1, "global_step": st.global_step, "train/lr": self.engine.lr,
                         "train/samples_per_s": n_samples / max(time.perf_counter() - t0, 1e-9)} | hard_stats)
         metrics["train/nonfinite_steps"] = float(self.nonfinite.total)
+        metrics |= {"train/world_size": float(self.world), "train/samples": float(st.samples)}
+        if self.polls:
+            metrics["train/preemption_poll_ms"] = 1000 * self.poll_seconds / self.polls
         if cfg.data.integrity == "skip":  # shard reads skipped this epoch, summed over ranks
             metrics["data/skipped_shards"] = float(all_reduce_sum(loader.image_stats["skipped_shards"], self.world))
         st.epoch, st.step_in_epoch = epoch + 1, 0
         return metrics
+
+    def check_preemption(self, epoch: int) -> None:
+        """Every `run.preemption_check_every` steps (the same steps on every rank: the call is a barrier), ask Ray
+        Train for a preemption notice; on a new one, record it and write a just-in-time checkpoint, then go on
+        training (Ray Train restarts the run from it when the node goes, counting `run.max_preemptions`)."""
+        every, st = self.cfg.run.preemption_check_every, self.state
+        if not every or st.global_step % every:
+            return
+        import ray.train
+
+        t0 = time.perf_counter()
+        info = ray.train.get_preemption_info()
+        self.poll_seconds, self.polls = self.poll_seconds + time.perf_counter() - t0, self.polls + 1
+        if info is None:
+            return
+        key = (info.deadline_ms, tuple(info.preempted_node_ids))
+        if key == self.notice:
+            return
+        self.notice = key
+        st.preemptions.append({"time": time.time(), "global_step": st.global_step, "samples": st.samples,
+                               "deadline_ms": info.deadline_ms, "nodes": info.preempted_node_ids,
+                               "ranks": info.preempted_ranks})
+        self.console.note(f"preemption notice for node(s) {', '.join(info.preempted_node_ids)} (ranks "
+                          f"{info.preempted_ranks}) at step {st.global_step}: writing a checkpoint")
+        self.report({"epoch": epoch, "global_step": st.global_step, "preemption_checkpoint": 1.0})
 
     def validate(self, epoch: int, metrics: dict[str, float]) -> None:
         """Dev metrics every `eval_every` epochs and after the last; keeps the best-dev-MRR weights."""
@@ -287,6 +351,8 @@ class Worker:
         self.tracker = Tracker(self.cfg.wandb, enabled=self.rank == 0, name=self.run_dir.name,
                                config=self.config_dict, directory=str(self.run_dir / "wandb"))
         self.engine.train()
+        if self.rank == 0:
+            self.tracker.log({"train/world_size": float(self.world)}, self.state.global_step)
         for epoch in range(self.state.epoch, self.cfg.train.epochs):
             metrics = self.train_epoch(epoch)
             self.validate(epoch, metrics)

@@ -71,6 +71,15 @@ class WorkerConsole:
             self._send(("step", self._pending, loss))
             self._pending, self._last = 0, now
 
+    def note(self, message: str) -> None:
+        """A line about the run itself (a resize, a preemption notice): rank 0 writes it to its log and sends it to
+        the driver's console."""
+        if self.rank != 0:
+            return
+        print(f"[otmel] {message}", flush=True)
+        if self.channel is not None:
+            self._send(("note", message))
+
     def end_epoch(self, metrics: dict[str, Any]) -> None:
         """Close the bar; rank 0 sends the epoch's summary to the driver (with or without a progress bar)."""
         if self._bar is not None:
