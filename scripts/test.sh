@@ -3,11 +3,10 @@
 # `--fast`: the inner loop, without the slow end-to-end runs (-m "not slow"). Other arguments go to pytest and run
 # it once, e.g. `bash scripts/test.sh tests/test_link.py -x`.
 #
-# The whole suite runs as three pytest processes side by side, each over a fixed set of whole modules in a fixed
-# order (so no test depends on which modules ran before it in its process): the Ray Train modules, the multi-node
-# clusters (the autoscaler's, the elastic node-loss run), and the rest.
-# The slow end-to-end runs wait on processes, sockets, timeouts and health checks much of the time, so three of
-# them share the 2 cores well.
+# The whole suite runs as two pytest processes side by side, each over a fixed set of whole modules in a fixed
+# order (so no test depends on which modules ran before it in its process): the Ray Train modules with the
+# autoscaling cluster and the Ray-already-there checks, and the rest. The slow end-to-end runs wait on processes
+# and sockets much of the time, so two of them share the 2 cores well (three did not: cc8, every group slower).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -22,33 +21,29 @@ done
 if [ "$split" = 0 ]; then
     exec .venv/bin/python -m pytest -q --durations=25 "${args[@]}"
 fi
-GROUP_A=(tests/test_train_ray.py tests/test_worker_errors.py tests/test_ray_already_there.py)
-GROUP_B=(tests/test_local_autoscaler.py tests/test_node_loss.py)
+GROUP_A=(tests/test_train_ray.py tests/test_local_autoscaler.py tests/test_worker_errors.py
+         tests/test_ray_already_there.py tests/test_elastic.py)
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
-export OTMEL_TEST_THREADS=1  # one torch thread per process: three processes on 2 cores, much of it waiting
+export OTMEL_TEST_THREADS=1  # one torch thread per process: two processes on 2 cores
 set +e
 .venv/bin/python -m pytest -q --durations=15 "${args[@]}" "${GROUP_A[@]}" > "$logs/a.log" 2>&1 &
 pid_a=$!
-.venv/bin/python -m pytest -q --durations=15 "${args[@]}" "${GROUP_B[@]}" > "$logs/b.log" 2>&1 &
+.venv/bin/python -m pytest -q --durations=15 "${args[@]}" "${GROUP_A[@]/#/--ignore=}" > "$logs/b.log" 2>&1 &
 pid_b=$!
-.venv/bin/python -m pytest -q --durations=15 "${args[@]}" "${GROUP_A[@]/#/--ignore=}" "${GROUP_B[@]/#/--ignore=}" \
-    > "$logs/c.log" 2>&1 &
-pid_c=$!
 wait "$pid_a"; rc_a=$?
 wait "$pid_b"; rc_b=$?
-wait "$pid_c"; rc_c=$?
 # (no `set -e` from here: a grep that finds no "failed" is not an error)
-for g in a b c; do
+for g in a b; do
     echo "=============================== tests, group ${g^^} ==============================="
     cat "$logs/$g.log"
 done
 # pytest's own closing lines are the last of each log: the whole suite's, summed, is the last line here
-last=$(for g in a b c; do tail -n 1 "$logs/$g.log"; done)
+last=$(for g in a b; do tail -n 1 "$logs/$g.log"; done)
 passed=$(printf '%s\n' "$last" | awk '{for (i = 2; i <= NF; i++) if ($i ~ /^passed/) s += $(i - 1)} END {print s + 0}')
 failed=$(printf '%s\n' "$last" | awk '{for (i = 2; i <= NF; i++) if ($i ~ /^(failed|error)/) s += $(i - 1)} END {print s + 0}')
 status=0
-for rc in "$rc_a" "$rc_b" "$rc_c"; do
+for rc in "$rc_a" "$rc_b"; do
     if [ "$rc" != 0 ]; then status=1; fi
 done
 if [ "$status" != 0 ] && [ "$failed" = 0 ]; then failed=1; fi  # a crash or a collection error counts

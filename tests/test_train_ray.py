@@ -1,10 +1,9 @@
 """End-to-end training on a real local Ray (marked slow; run in CI): Ray Train + DeepSpeed over gloo,
-2 CPU workers, global negative pool, whole-KG evaluation, checkpoints, fault tolerance, `ray job submit`.
+2 CPU workers, global negative pool, whole-KG evaluation, checkpoints, fault tolerance (`ray job submit` of a run: tests/test_local_autoscaler.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -12,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -47,71 +45,6 @@ def _overrides(shards: Path, storage: Path, name: str, *extra: str) -> list[str]
         "train.eval_every=1", "train.warmup_steps=2", "train.eval_batch_size=32", "train.progress=false",
         f"run.storage={storage}", f"run.name={name}", *extra,
     ]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _stop_ray_under(temp: Path) -> None:
-    """Kill the processes of the Ray session whose files live under `temp` (their command lines name it)."""
-    import psutil
-
-    procs = [p for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or [])]
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-
-
-def test_ray_job_submit_against_a_local_head(shards: Path, tmp_path: Path) -> None:
-    """`ray start --head` (dashboard on 127.0.0.1) + `ray job submit ... -- python ray_jobs/train.py`."""
-    ray_bin = Path(sys.executable).parent / "ray"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{ray_bin.parent}:{os.environ['PATH']}",
-           "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
-    env.pop("RAY_ADDRESS", None)
-    temp = Path("/tmp") / f"otmel-head-{os.getpid()}"
-    # free ports, not Ray's defaults (8265, 6379, 52365, ...): another local Ray on this machine may hold them
-    port = _free_port()
-    ports = [f"--{k}={_free_port()}" for k in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                "runtime-env-agent-port", "metrics-export-port",
-                                                "ray-client-server-port")]
-    subprocess.run([str(ray_bin), "start", "--head", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={port}", *ports, f"--temp-dir={temp}", "--include-dashboard=true"],
-                   check=True, env=env, capture_output=True, timeout=120)
-    try:
-        for _ in range(60):  # the job server comes up a little after `ray start` returns
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        # an otmel command run meanwhile (no RAY_ADDRESS) starts a Ray of its own: a plain ray.init() would find this
-        # head's GCS process and join it (or fail: "When connecting to an existing cluster, num_cpus ...")
-        probe = ("from otmel.ray_runtime import start_ray; start_ray(cpus=1, dashboard=False); import ray; "
-                 "print(ray.get_runtime_context().gcs_address)")
-        own = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=180)
-        assert own.returncode == 0, own.stderr[-2000:]
-        assert not own.stdout.strip().endswith(f":{ports[0].split('=')[1]}"), own.stdout
-        args = _overrides(shards, tmp_path, "job") + ["train.epochs=1", "train.strategy=ddp"]
-        cmd = [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{port}", f"--working-dir={ROOT}",
-               "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", "data", "shards", ".git"]}),
-               "--", sys.executable, "ray_jobs/train.py", "--config", "configs/synth.yaml", *args]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        assert "succeeded" in (out.stdout + out.stderr).lower()
-        results = json.loads((tmp_path / "job" / "results.json").read_text())
-        assert results["metrics"]["global_step"] == 4 and "test/MRR" in results["metrics"]
-    finally:
-        _stop_ray_under(temp)  # not `ray stop`: that stops every Ray on the machine, a user's too
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _with_fault_at(step: int, monkeypatch: pytest.MonkeyPatch, *args: Any) -> dict[str, Any]:
