@@ -1,5 +1,6 @@
 """End-to-end training on a real local Ray (marked slow; run in CI): Ray Train + DeepSpeed over gloo,
-2 CPU workers, global negative pool, whole-KG evaluation, checkpoints, fault tolerance (`ray job submit` of a run: tests/test_local_autoscaler.py).
+2 CPU workers, global negative pool, whole-KG evaluation, checkpoints, fault tolerance (`ray job submit` of a
+run: tests/test_local_autoscaler.py).
 """
 
 from __future__ import annotations
