@@ -3,7 +3,6 @@ W ranks loading on W' ranks with the Adam moments of a fixed-size run (real Deep
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from otmel.train.worker.elastic import SampleClock, worker_batch
 from otmel.train.worker.engine import load_state_file
 from tests import elastic_zero_script
 from tests.gloo_helpers import spawn_and_join
+from tests.ray_helpers import free_port
 
 
 def test_num_workers_is_n_or_a_min_max_range() -> None:
@@ -63,15 +63,9 @@ def test_the_sample_clock_ends_a_resized_run_within_one_global_batch() -> None:
     assert clock.stream_steps(16) == 10 and clock.stream_steps(32) == 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _run(world: int, load_from: Path | None, out: Path, steps: int, first_step: int, more_steps: int = 0,
          more_out: Path | None = None) -> None:
-    spawn_and_join(elastic_zero_script.phase, (world, _free_port(), str(load_from or ""), str(out), steps, first_step,
+    spawn_and_join(elastic_zero_script.phase, (world, free_port(), str(load_from or ""), str(out), steps, first_step,
                                                more_steps, str(more_out or "")), nprocs=world, timeout=240)
 
 

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
+from otmel.cli import main
 from otmel.errors import UserError
 from otmel.runconfig import load_config
 from otmel.train.driver.placement import (
     PlacementError,
     check_placement,
-    main,
     node_types,
     per_node,
     worker_bundles,
@@ -127,12 +127,14 @@ def test_an_oversize_run_fails_naming_the_largest_node_type() -> None:
 def test_the_command_checks_before_any_submission(capsys: pytest.CaptureFixture[str]) -> None:
     import ray
 
-    assert main([str(CLUSTER / "aws.yaml"), "--config", str(ROOT / "configs/richpediamel.yaml")]) == 0
+    check = ["placement", "--cluster", str(CLUSTER / "aws.yaml"), "--config", str(ROOT / "configs/richpediamel.yaml")]
+    assert main(check) == 0
     assert "fits: 4 worker(s) of {CPU: 4, GPU: 1} -> 1 node(s) of type gpu_4x" in capsys.readouterr().out
-    assert main([str(CLUSTER / "aws.yaml"), "--config", str(ROOT / "configs/richpediamel.yaml"), *OVERSIZE]) == 2
+    assert main([*check, *OVERSIZE]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("otmel placement: error: ") and "gpu_4x" in err and "\n" not in err
-    assert main([str(CLUSTER / "aws.yaml"), "scaling.num_wrokers=2"]) == 2  # a config mistake: the same one line
+    # a config mistake: the same one line
+    assert main(["placement", "--cluster", str(CLUSTER / "aws.yaml"), "scaling.num_wrokers=2"]) == 2
     assert "did you mean" in capsys.readouterr().err
     assert not ray.is_initialized()
 

@@ -29,18 +29,13 @@ from typing import Any
 
 import pytest
 
+from tests.ray_helpers import free_port
 from tests.test_link import ckpt, kg  # noqa: F401 (session fixtures: a tiny checkpoint and KG, shared with test_link*)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 EXE = shutil.which("otmel") or str(BIN / "otmel")
 TOKEN = secrets.token_hex(16)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env(ray_tmpdir: Path, **extra: str) -> dict[str, str]:
@@ -104,8 +99,8 @@ def head() -> Iterator[Head]:
     tmpdir.mkdir()
     # (its Ray Client server on a free port too, not 10001; no test joins it with ray://: the client server's session
     # processes take ports from 23000 up, machine-wide, where another Ray's client sessions may already be)
-    port, client = _free_port(), _free_port()
-    ports = [f"--{k}={_free_port()}" for k in ("dashboard-port", "dashboard-agent-listen-port",
+    port, client = free_port(), free_port()
+    ports = [f"--{k}={free_port()}" for k in ("dashboard-port", "dashboard-agent-listen-port",
                                                 "dashboard-agent-grpc-port", "runtime-env-agent-port",
                                                 "metrics-export-port")]
     env = _env(tmpdir, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # with --node-ip-address 127.0.0.1: loopback only
@@ -190,7 +185,7 @@ def probed(head: Head) -> list[dict[str, Any]]:
     (4) no address, Ray's temp dir holding a stale bootstrap file (a head that died: nobody listens at its port)."""
     stale_dir = head.root / "stale"
     (stale_dir / "ray").mkdir(parents=True)
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     (stale_dir / "ray" / "ray_current_cluster").write_text(dead)
     steps = [{"cmd": "train"},
              {"cli": True, "address": "auto"},
@@ -266,7 +261,7 @@ def test_the_console_script_joins_with_address_auto_and_explains_a_missing_token
 
 def test_a_wrong_address_is_one_error_line_exit_2_at_once(tmp_path: Path) -> None:
     """Nothing listens at the port: the console script says so before it does anything (no checkpoint is read)."""
-    free = f"127.0.0.1:{_free_port()}"
+    free = f"127.0.0.1:{free_port()}"
     t0 = time.perf_counter()
     out = subprocess.run([EXE, "index", "--checkpoint", str(tmp_path / "no"), "--kg", str(tmp_path / "no"), "--out",
                           str(tmp_path / "o"), "--address", free], capture_output=True, text=True, timeout=120,
@@ -294,7 +289,7 @@ def test_addresses_that_cannot_be_joined_are_refused_before_any_work(address: st
                                                                       needle: str) -> None:
     from otmel.ray_address import RayJoinError, check_address
 
-    address = address.format(free=_free_port())
+    address = address.format(free=free_port())
     t0 = time.perf_counter()
     with pytest.raises(RayJoinError) as exc:
         check_address(address, source)
@@ -327,7 +322,7 @@ def test_auto_skips_a_stale_bootstrap_file(tmp_path: Path, monkeypatch: pytest.M
     from otmel import ray_address
     from otmel.ray_address import RayJoinError, resolve_address
 
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     (tmp_path / "ray").mkdir()
     (tmp_path / "ray" / "ray_current_cluster").write_text(dead)
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))

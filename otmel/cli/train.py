@@ -1,4 +1,4 @@
-"""`otmel train`, `baseline`, `tune`, `ablate`, `plot`: training on Ray and its experiments."""
+"""`otmel train`, `baseline`, `tune`, `ablate`, `plot`, `placement`: training on Ray and its experiments."""
 
 from __future__ import annotations
 
@@ -217,4 +217,25 @@ def _cmd_plot(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=run)
 
 
-COMMANDS = [_cmd_train, _cmd_baseline, _cmd_tune, _cmd_ablate, _cmd_study, _cmd_plot]
+def _cmd_placement(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("placement", help="will a run's training workers fit a cluster's node types? (no Ray starts)",
+                       description="Check a run config against the node types of a cluster-launcher YAML or a "
+                       "KubeRay manifest: one line when it fits; exit 2 naming the largest node type when not.")
+    p.add_argument("--cluster", required=True,
+                   help="cluster YAML (cluster/aws.yaml, cluster/kuberay-raycluster.yaml, ...)")
+    p.add_argument("--config", default=None, help="YAML run config (default: configs/synth.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides")
+
+    def run(args: argparse.Namespace) -> int:
+        from otmel.runconfig import load_config
+        from otmel.train.driver.launch import DEFAULT_CONFIG
+        from otmel.train.driver.placement import check_placement, describe_fit, node_types
+
+        cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+        print(describe_fit(cfg, check_placement(cfg, node_types(args.cluster), where=args.cluster)))
+        return 0
+
+    p.set_defaults(func=run)
+
+
+COMMANDS = [_cmd_train, _cmd_baseline, _cmd_tune, _cmd_ablate, _cmd_study, _cmd_plot, _cmd_placement]

@@ -13,23 +13,22 @@ cluster/local-autoscaler.yaml) or a KubeRay manifest (RayCluster / RayJob / RayS
 worker group, their resources read by the rules of Ray's own KubeRay autoscaler: `rayStartParams` first, then the
 Ray container's limits, then its requests).
 
-    python -m otmel.train.driver.placement cluster/aws.yaml --config configs/richpediamel.yaml [k=v ...]
+    otmel placement --cluster cluster/aws.yaml --config configs/richpediamel.yaml [k=v ...]
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from otmel.errors import ConfigError, UserError, one_line
-from otmel.runconfig import RunConfig, load_config
-from otmel.train.driver.launch import DEFAULT_CONFIG, scaling_config
+from otmel.errors import ConfigError
+from otmel.runconfig import RunConfig
+from otmel.train.driver.launch import scaling_config
 
 
 class PlacementError(ConfigError):
@@ -142,31 +141,11 @@ def check_placement(cfg: RunConfig, types: list[NodeType], where: str = "the clu
     return Fit(best.name, k, math.ceil(min(len(bundles), capacity) / k), bundle, strategy)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m otmel.train.driver.placement CLUSTER.yaml [--config CFG] [k=v ...]`: exit 0 and one line when
-    the run fits, 2 and `otmel placement: error: ...` when not (no Ray starts either way)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0].startswith("-"):
-        print("usage: python -m otmel.train.driver.placement CLUSTER.yaml [--config CONFIG] [key=value ...]",
-              file=sys.stderr)
-        return 2
-    cluster, config = args.pop(0), None
-    if "--config" in args:
-        i = args.index("--config")
-        config = args[i + 1] if i + 1 < len(args) else None
-        del args[i:i + 2]
-    try:
-        cfg = load_config(config or DEFAULT_CONFIG, args)
-        fit = check_placement(cfg, node_types(cluster), where=cluster)
-    except (UserError, OSError, yaml.YAMLError) as exc:
-        print(f"otmel placement: error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    print(f"fits: {cfg.scaling.describe()} worker(s) of {_fmt(fit.bundle)} -> {fit.nodes} node(s) of type "
-          f"{fit.node_type} ({fit.workers_per_node} per node, {fit.strategy})")
-    return 0
+def describe_fit(cfg: RunConfig, fit: Fit) -> str:
+    """The one line `otmel placement` prints for a run that fits."""
+    return (f"fits: {cfg.scaling.describe()} worker(s) of {_fmt(fit.bundle)} -> {fit.nodes} node(s) of type "
+            f"{fit.node_type} ({fit.workers_per_node} per node, {fit.strategy})")
 
 
-__all__ = ["Fit", "NodeType", "PlacementError", "check_placement", "main", "node_types", "per_node", "worker_bundles"]
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["Fit", "NodeType", "PlacementError", "check_placement", "describe_fit", "node_types", "per_node",
+           "worker_bundles"]

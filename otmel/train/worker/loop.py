@@ -163,7 +163,6 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)  # every epoch's metrics
     samples: int = 0  # training samples seen by the whole run: its clock (otmel/train/worker/elastic.py)
     world_size: int = 0  # the world that wrote this state (0: none yet)
-    stream_world: int = 0  # the world whose epoch stream `step_in_epoch` counts batches of
     resizes: list[dict[str, Any]] = field(default_factory=list)  # {time, global_step, samples, from, to}
     preemptions: list[dict[str, Any]] = field(default_factory=list)  # notices: {time, global_step, deadline_ms, ...}
 
@@ -234,6 +233,10 @@ class Worker:
         if not state.samples and state.global_step:  # a checkpoint from before the clock: fixed size, whole steps
             state.samples = state.epoch * self.clock.epoch_samples + state.step_in_epoch * self.batch * self.world
         if state.world_size and state.world_size != self.world:
+            # mid-epoch: `step_in_epoch` counted batches of the old world's stream; take up the new world's stream
+            # at the share of the epoch already done
+            done = max(0, state.samples - state.epoch * self.clock.epoch_samples)
+            state.step_in_epoch = done // (self.batch * self.world)
             state.resizes.append({"time": time.time(), "global_step": state.global_step, "samples": state.samples,
                                   "from": state.world_size, "to": self.world})
             self.console.note(f"resized from {state.world_size} to {self.world} worker(s) at step {state.global_step} "
@@ -256,9 +259,6 @@ class Worker:
         until the run's clock reaches the epoch's end."""
         cfg, st, clock = self.cfg, self.state, self.clock
         global_batch = self.batch * self.world
-        if st.stream_world and st.stream_world != self.world:  # resized mid-epoch: the new stream, at the share done
-            st.step_in_epoch = max(0, st.samples - epoch * clock.epoch_samples) // global_batch
-        st.stream_world = self.world
         hard_stats = self.hard.start_epoch(self.model, epoch) if self.hard is not None else {}
         loader = train_loader(Path(cfg.data.shards), self.pre, batch_size=self.batch,
                               steps_per_epoch=self.steps, epoch=epoch, seed=cfg.train.seed, rank=self.rank,
