@@ -7,6 +7,7 @@ leading dimensions and differentiable through the unrolled iterations.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Any, Literal, overload
@@ -162,7 +163,8 @@ def sinkhorn(
     column gets an all-zero plan (never NaN), and gradients w.r.t. padded costs are 0.
 
     Args:
-        cost: (..., n, m) floating cost matrices (float16/bfloat16 are computed in float32).
+        cost: (..., n, m) floating cost matrices (float16/bfloat16 are computed in float32, also inside an
+            autocast block, which is switched off for the solver: its products stay in the cost's precision).
         mask_x: optional (..., n) bool (or 0/1), True for valid rows.
         mask_y: optional (..., m) bool (or 0/1), True for valid columns.
         reg: entropic regularisation, > 0 (POT's ``reg``: ``K = exp(-C / reg)``); a number, or a 0-dim tensor
@@ -213,22 +215,8 @@ def sinkhorn(
     if batch != cost.shape[:-2]:
         cost = cost.expand(*batch, n, m)
     marg = Marginals(mask_x, mask_y, n, m, cost)
-
-    plan: Tensor | None  # None only from a kernel run that left the safe range (redone below)
-    info: dict[str, Any]
-    if cost.numel() == 0:
-        plan, info = cost.new_zeros(cost.shape), {"n_iters": 0, "err": 0.0, "converged": None}
-        info["method"] = "log"
-    elif method == "log":
-        plan, info = _sinkhorn_log(cost, marg, reg, n_iters, stop_thr)
-    else:
-        shift = cost.detach().amin(dim=(-2, -1), keepdim=True)  # per-plan min of the cost
-        if method == "auto" and not _kernel_range_ok(shift, cost, reg):
-            plan, info = _sinkhorn_log(cost, marg, reg, n_iters, stop_thr)
-        else:
-            plan, info = _sinkhorn_kernel(cost, shift, marg, reg, n_iters, stop_thr, check=method == "auto")
-        if plan is None:  # a scaling left the safe range: redo in the log domain
-            plan, info = _sinkhorn_log(cost, marg, reg, n_iters, stop_thr)
+    with _autocast_off(cost):
+        plan, info = _solve(cost, marg, reg, n_iters, stop_thr, method)
 
     if stop_thr is None:
         if return_info:
@@ -245,6 +233,34 @@ def sinkhorn(
             )
     plan = plan.to(out_dtype)
     return (plan, info) if return_info else plan
+
+
+def _autocast_off(t: Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Autocast switched off on `t`'s device where it is on (under bf16 autocast the mat-vecs of the kernel path
+    would run in bfloat16 whatever the cost's dtype); else nothing."""
+    device = t.device.type
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+
+
+def _solve(cost: Tensor, marg: Marginals, reg: float | Tensor, n_iters: int, stop_thr: float | None,
+           method: Method) -> tuple[Tensor, dict[str, Any]]:
+    """The plans of a checked (..., n, m) float32 / float64 cost, by `method` (see `sinkhorn`)."""
+    plan: Tensor | None  # None only from a kernel run that left the safe range (redone below)
+    info: dict[str, Any]
+    if cost.numel() == 0:
+        plan, info = cost.new_zeros(cost.shape), {"n_iters": 0, "err": 0.0, "converged": None}
+        info["method"] = "log"
+    elif method == "log":
+        plan, info = _sinkhorn_log(cost, marg, reg, n_iters, stop_thr)
+    else:
+        shift = cost.detach().amin(dim=(-2, -1), keepdim=True)  # per-plan min of the cost
+        if method == "auto" and not _kernel_range_ok(shift, cost, reg):
+            plan, info = _sinkhorn_log(cost, marg, reg, n_iters, stop_thr)
+        else:
+            plan, info = _sinkhorn_kernel(cost, shift, marg, reg, n_iters, stop_thr, check=method == "auto")
+        if plan is None:  # a scaling left the safe range: redo in the log domain
+            plan, info = _sinkhorn_log(cost, marg, reg, n_iters, stop_thr)
+    return plan, info
 
 
 class Marginals:

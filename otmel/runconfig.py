@@ -71,6 +71,11 @@ class TrainConfig:
     # CPU only: DeepSpeed's JIT-built shared-memory all-reduce. Off: gloo, no compiler, no build lock that a
     # killed worker can leave behind (otmel/train/worker/ds_ops.py); on: loaded under an flock, stale lock cleared.
     deepspeed_shm: bool = False
+    # "auto": the DeepSpeed JSON's bf16 on GPU (the paper configs ask for it), fp32 on CPU, where DeepSpeed runs
+    # fp32. "bf16": on GPU the JSON's bf16 (enabled even if the JSON lacks it); on CPU (and with ddp) fp32 weights and
+    # optimizer with every forward pass under bf16 autocast, so the bf16 path is exercised without a GPU. "fp32":
+    # no autocast, bf16 / fp16 dropped from the JSON everywhere (otmel/train/worker/precision.py).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     grad_clip: float = 1.0
     eval_every: int = 1  # validate every N epochs (and after the last)
     eval_batch_size: int = 64
@@ -103,6 +108,7 @@ class TrainConfig:
             "grad_clip": (self.grad_clip > 0, "> 0"),
             "checkpoint_every": (self.checkpoint_every >= 0, ">= 0 (0: once per epoch)"),
             "max_nonfinite_steps": (self.max_nonfinite_steps >= 0, ">= 0"),
+            "precision": (self.precision in ("auto", "fp32", "bf16"), "'auto', 'fp32' or 'bf16'"),
         }
         if self.hard_negatives != "none":
             rules |= {"hard_per_mention": (self.hard_per_mention >= 1, ">= 1"),

@@ -53,8 +53,8 @@ def phase(rank: int, world: int, port: int, load_from: str, out: str, steps: int
     if load_from:
         saved = sorted(Path(load_from).glob("optim-rank*.pt"), key=lambda p: int(p.stem[len("optim-rank"):]))
         engine.load_optimizer_state([load_state_file(p) for p in saved])
-    if first_step:  # the LR schedule where the saving run left it (a checkpoint restores it the same way)
-        engine.scheduler.step(last_batch_iteration=first_step - 1)
+    if first_step:  # the LR schedule where the saving run left it, restored as a checkpoint restores it
+        engine.load_scheduler_state({"last_batch_iteration": float(first_step - 1)})
     for folder, first, n in ((out, first_step, steps), (more_out, first_step + steps, more_steps)):
         if not folder:
             continue

@@ -306,3 +306,22 @@ def test_trailing_padding_columns_change_nothing() -> None:
         assert model.encode_entities(wide).q_t.shape[1] == b["e_input_ids"].shape[1] + 8
     for k in ("S_O", "S_F", "S_T", "S_V"):
         assert torch.allclose(ref[k], out[k], atol=1e-5), k
+
+
+@pytest.mark.parametrize("variant", ["OT", "KD"])
+def test_a_bf16_module_trains_as_deepspeed_bf16_runs_it(variant: str) -> None:
+    """DeepSpeed's bf16 mode (the GPU configs) casts the module to bf16 and feeds it the loader's float32 pixels:
+    forward, loss and backward run, with missing images, and every trainable parameter gets a finite bf16
+    gradient (found by `otmel plan`: the zero states of a missing image were float32, index_copy refused bf16)."""
+    model = _model(variant).to(torch.bfloat16)
+    b = random_batch(6, missing=(1, 4))
+    assert b["m_pixel_values"].dtype == torch.float32
+    terms = OTMELLoss(model.cfg.kd, model.cfg.kd_weight)(**model(b))
+    assert torch.isfinite(terms["loss"])  # (the KD term is computed in float32)
+    terms["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():
+        model.eval()
+        e = model.encode_entities({k: v for k, v in b.items() if k.startswith("e_")})
+        assert e.v is not None and e.v.dtype == torch.bfloat16 and not e.v[2].any()  # entity 2 has no image

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
+import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -73,6 +77,121 @@ def test_deepspeed_config_is_filled_for_cpu_and_gpu() -> None:
     assert cpu["train_micro_batch_size_per_gpu"] == 12 and cpu["gradient_clipping"] == 0.5
     assert cpu["scheduler"]["params"]["total_num_steps"] == 100
     assert "bf16" not in cpu and gpu["bf16"]["enabled"] is True
+
+
+def test_train_precision_resolves_per_device_and_strategy(tmp_path: Path) -> None:
+    """auto: the JSON's bf16 on GPU, fp32 on CPU; bf16: the JSON's bf16 on GPU (forced on where the JSON lacks it),
+    fp32 weights + bf16 autocast on CPU and with ddp; fp32: no autocast, bf16 / fp16 dropped everywhere."""
+    from otmel.train.worker.engine import run_precision
+
+    no_bf16 = tmp_path / "plain.json"
+    plain = json.loads((ROOT / "configs/deepspeed/zero1.json").read_text())
+    plain.pop("bf16")
+    no_bf16.write_text(json.dumps({**plain, "fp16": {"enabled": True}}))
+    cases = {  # (precision, strategy, JSON, use_gpu) -> (bf16 section enabled, fp16 section, autocast on device)
+        ("auto", "deepspeed", "zero1", False): (False, False, None),
+        ("auto", "deepspeed", "zero1", True): (True, False, None),
+        ("auto", "deepspeed", "plain", True): (False, True, None),  # the JSON's own choice, fp16
+        ("bf16", "deepspeed", "zero1", False): (False, False, "cpu"),
+        ("bf16", "deepspeed", "plain", True): (True, False, None),  # forced on, fp16 dropped
+        ("bf16", "ddp", "zero1", True): (False, False, "cuda"),
+        ("fp32", "deepspeed", "zero1", True): (False, False, None),
+        ("fp32", "deepspeed", "plain", True): (False, False, None),
+    }
+    for (precision, strategy, js, gpu), (bf16, fp16, device) in cases.items():
+        path = ROOT / "configs/deepspeed/zero1.json" if js == "zero1" else no_bf16
+        train = TrainConfig(precision=precision, strategy=strategy, deepspeed_config=str(path))  # type: ignore[arg-type]
+        ds = load_ds_config(train, total_steps=10, use_gpu=gpu)
+        got = (ds.get("bf16", {}).get("enabled", False), ds.get("fp16", {}).get("enabled", False))
+        assert got == (bf16, fp16), (precision, strategy, js, gpu, ds)
+        p = run_precision(train, gpu, ds)
+        assert (p.device_type if p.autocast_dtype is not None else None) == device, (precision, strategy, js, gpu)
+        assert p.autocast_dtype in (None, torch.bfloat16)
+
+
+def test_a_restored_schedule_sets_the_optimizer_lr_it_left_off_at() -> None:
+    """DeepSpeed's ZeRO 1/2 optimizer load leaves the param groups at the fresh schedule's pre-start LR (0): restoring
+    the scheduler's state must set the LR of the position it restores, or the first step after a resume is lost."""
+    train = TrainConfig(lr=1e-3, head_lr=1e-2, strategy="ddp", warmup_steps=2,
+                        deepspeed_config=str(ROOT / "configs/deepspeed/zero1.json"))
+    eng = Engine(OTMEL(tiny_cfg()), train, total_steps=10, world_size=1, use_gpu=False)
+    for i in range(4):
+        eng.step(sum((p.float() ** 2).sum() for p in eng.module.parameters()), float(i))
+    want = [g["lr"] for g in eng.optimizer.param_groups]
+    fresh = Engine(OTMEL(tiny_cfg()), train, total_steps=10, world_size=1, use_gpu=False)
+    assert fresh.lr == 0.0  # before its first step the schedule is at -1: LR 0 (what ZeRO's load leaves)
+    fresh.load_scheduler_state(eng.scheduler_state())
+    assert [g["lr"] for g in fresh.optimizer.param_groups] == want and 0 < want[0] < want[1]
+
+
+def test_train_precision_is_validated_naming_the_key() -> None:
+    with pytest.raises(ValueError, match=r"'train\.precision'.*'fp16' is not one of \['auto', 'fp32', 'bf16'\]"):
+        load_config(ROOT / "configs/wikimel.yaml", ["train.precision=fp16"])
+    with pytest.raises(ValueError, match=r"'train\.precision' must be 'auto', 'fp32' or 'bf16', got 'half'"):
+        TrainConfig(precision="half")  # type: ignore[arg-type]
+    assert load_config(ROOT / "configs/wikimel.yaml").train.precision == "auto"
+
+
+class _FakeRayTrain:
+    """The part of `ray.train` a `Worker` calls, for one in-process rank: no checkpoint to resume, reports kept."""
+
+    def __init__(self) -> None:
+        self.reports: list[dict[str, Any]] = []
+
+    def get_context(self) -> Any:
+        return types.SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1)
+
+    def report(self, metrics: dict[str, Any], checkpoint: Any = None) -> None:
+        self.reports.append(dict(metrics))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_a_short_cpu_run_trains_and_evaluates_under_the_precision_it_asks_for(
+        precision: str, toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real worker loop (`Worker.run`, one in-process rank, ddp) on the toy shards: with train.precision=bf16 a
+    Linear inside the text and vision towers returns bfloat16 in the training forward and in the whole-KG evaluation
+    while every parameter stays float32; the optimizer steps move the weights and the loss is finite. fp32: float32
+    throughout."""
+    import ray.train
+
+    from otmel.train.worker.loop import Worker
+
+    fake = _FakeRayTrain()
+    for name in ("get_context", "report"):
+        monkeypatch.setattr(ray.train, name, getattr(fake, name))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(ray.train.Checkpoint, "from_directory", staticmethod(lambda d: d))
+    cfg = load_config(ROOT / "configs/synth.yaml", [
+        f"data.shards={toy}", "data.num_workers=0", "model.tiny_width=32", "model.tiny_layers=1", "model.hidden_dim=16",
+        "model.tiny_image_size=16", "model.max_len=16", "train.strategy=ddp", f"train.precision={precision}",
+        "train.batch_size=2", "train.steps_per_epoch=3", "train.epochs=1", "train.warmup_steps=1", "train.lr=1e-2",
+        "train.eval_batch_size=4", "train.progress=false", "wandb.enabled=false", "run.console=verbose",
+        "run.preemption_check_every=0", "scaling.num_workers=1"])
+    threads = torch.get_num_threads()
+    try:
+        worker = Worker(cfg, tmp_path / "run", channel=None)
+        towers = worker.model.encoder
+        seen: list[tuple[str, bool, torch.dtype, torch.dtype]] = []  # (tower, grad enabled, output, weight)
+        for tower, linear in (("text", towers.text_model.encoder.layers[0].mlp.fc1),
+                              ("vision", towers.vision_model.encoder.layers[0].mlp.fc1)):
+            linear.register_forward_hook(lambda mod, _in, out, t=tower: seen.append(
+                (t, torch.is_grad_enabled(), out.dtype, mod.weight.dtype)))
+        before = {n: p.detach().clone() for n, p in worker.model.named_parameters()}
+        worker.run()
+    finally:
+        torch.set_num_threads(threads)
+    want = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert {(t, g) for t, g, _, _ in seen} == {("text", True), ("text", False), ("vision", True), ("vision", False)}
+    assert {out for *_, out, _ in seen} == {want}  # training forward and evaluation alike
+    assert {w for *_, w in seen} == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in worker.model.parameters())
+    final = fake.reports[-1]
+    assert final["global_step"] == 3 and final["eval/kg_entities"] == 6  # the toy KG, whole
+    assert all(math.isfinite(final[f"{s}/MRR"]) for s in ("dev", "test"))
+    epoch = fake.reports[-2]
+    assert math.isfinite(epoch["train/loss"]) and epoch["train/nonfinite_steps"] == 0
+    moved = [n for n, p in worker.model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert len(moved) > 0.9 * len(before)  # the optimizer stepped (almost) every parameter
 
 
 def test_evaluation_ranks_equal_the_full_score_matrix() -> None:

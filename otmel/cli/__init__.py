@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import yaml
 
-from otmel.cli import analysis, data, link, serve, train
+from otmel.cli import analysis, data, link, plan, serve, train
 from otmel.cli.common import fail
 from otmel.errors import UserError
 from otmel.version import __version__
@@ -25,7 +25,8 @@ from otmel.version import __version__
 USER_ERRORS = (UserError, OSError, json.JSONDecodeError, yaml.YAMLError, ValueError, KeyError)
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [*data.COMMANDS, *train.COMMANDS, *link.COMMANDS,
-                                                                    *serve.COMMANDS, *analysis.COMMANDS]
+                                                                    *serve.COMMANDS, *analysis.COMMANDS,
+                                                                    *plan.COMMANDS]
 
 
 def build_parser() -> argparse.ArgumentParser:

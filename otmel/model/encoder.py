@@ -64,11 +64,51 @@ def _tiny_clip_config(cfg: ModelConfig, vocab_size: int) -> CLIPConfig:
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=w)
 
 
-def build_clip(cfg: ModelConfig) -> CLIPModel:
+# Shapes of the public OpenAI CLIPs, so that a model of their size can be built without its weights (`otmel plan`
+# on a machine that never downloaded them). ViT-B/32 is transformers' CLIPConfig() default.
+_LARGE_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12}
+_LARGE_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                 "patch_size": 14}
+KNOWN_CLIP_SHAPES: dict[str, dict[str, Any]] = {
+    "openai/clip-vit-base-patch32": {},
+    "openai/clip-vit-base-patch16": {"vision_config": {"patch_size": 16}},
+    "openai/clip-vit-large-patch14": {"text_config": _LARGE_TEXT, "vision_config": _LARGE_VISION,
+                                      "projection_dim": 768},
+    "openai/clip-vit-large-patch14-336": {"text_config": _LARGE_TEXT, "projection_dim": 768,
+                                          "vision_config": {**_LARGE_VISION, "image_size": 336}},
+}
+
+
+def clip_config_of(cfg: ModelConfig) -> CLIPConfig:
+    """The CLIPConfig of `model.pretrained` without reading weights: the tiny preset's, a local directory's or the HF
+    cache's config.json, else the known shapes of the public OpenAI CLIPs (`KNOWN_CLIP_SHAPES`)."""
     if cfg.pretrained == "tiny":
-        vocab = len(load_tokenizer(cfg))
-        return CLIPModel(_tiny_clip_config(cfg, vocab))
+        return _tiny_clip_config(cfg, len(load_tokenizer(cfg)))
+    try:
+        return CLIPConfig.from_pretrained(cfg.pretrained, local_files_only=True)
+    except OSError:
+        if cfg.pretrained not in KNOWN_CLIP_SHAPES:
+            raise FileNotFoundError(
+                f"model.pretrained={cfg.pretrained!r}: no config.json in a local directory or the HF cache, and not "
+                f"one of the known CLIPs {sorted(KNOWN_CLIP_SHAPES)}; pass a local directory holding the model"
+            ) from None
+        return CLIPConfig(**KNOWN_CLIP_SHAPES[cfg.pretrained])
+
+
+def build_clip(cfg: ModelConfig, random_init: bool = False) -> CLIPModel:
+    """The configured CLIP: the tiny preset (always random), or `from_pretrained`; `random_init`: the same shapes
+    with random weights (`clip_config_of`), no weight file read."""
+    if cfg.pretrained == "tiny" or random_init:
+        return CLIPModel(clip_config_of(cfg))
     return CLIPModel.from_pretrained(cfg.pretrained)
+
+
+def _tower(name: str, random_init: bool) -> Any:  # an HF PreTrainedModel (untyped attributes such as .config)
+    """An HF tower (`text_model` / `vision_model`): its weights, or with `random_init` its config's shapes only."""
+    path = resolve_model_path(name)
+    if random_init:
+        return AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True))  # type: ignore[no-untyped-call]
+    return AutoModel.from_pretrained(path)
 
 
 def _vision_geometry(cfg: ModelConfig) -> tuple[int, tuple[float, ...] | None, tuple[float, ...] | None]:
@@ -105,19 +145,20 @@ def build_preprocessor(cfg: ModelConfig) -> Preprocessor:
 class Encoder(nn.Module):
     """The towers plus the projections of token / patch states and pooled embeddings to the common width d."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, random_init: bool = False) -> None:
+        """`random_init`: the configured towers' shapes with random weights (no weight file read; `otmel plan`)."""
         super().__init__()
         self.cfg = cfg
         self.separate = bool(cfg.text_model)
         if self.separate:
             if cfg.use_images and not cfg.vision_model:
                 raise ValueError("text_model is set and use_images is on: set vision_model too (or use_images=false)")
-            self.text_model = AutoModel.from_pretrained(resolve_model_path(cfg.text_model))  # type: ignore[arg-type]
+            self.text_model = _tower(cfg.text_model, random_init)  # type: ignore[arg-type]  # set: self.separate
             self.dim = d = cfg.tower_dim
             text_hidden = self.text_model.config.hidden_size
             self.text_projection = nn.Linear(text_hidden, d)
         else:
-            clip = build_clip(cfg)
+            clip = build_clip(cfg, random_init)
             self.dim = d = int(clip.config.projection_dim)  # type: ignore[arg-type]  # typed int | None, set by default
             self.text_model = clip.text_model
             self.text_projection = clip.text_projection
@@ -126,7 +167,7 @@ class Encoder(nn.Module):
         self.token_proj = nn.Sequential(nn.Linear(text_hidden, d), nn.LayerNorm(d))
         if cfg.use_images:
             if self.separate:
-                vision = AutoModel.from_pretrained(resolve_model_path(cfg.vision_model))  # type: ignore[arg-type]
+                vision = _tower(cfg.vision_model, random_init)  # type: ignore[arg-type]  # checked above
                 self.vision_model = getattr(vision, "vision_model", vision)  # a full CLIP: keep its vision tower
                 vc = self.vision_model.config
                 self.visual_projection = nn.Linear(vc.hidden_size, d)
@@ -134,6 +175,7 @@ class Encoder(nn.Module):
                 self.vision_model, self.visual_projection = clip.vision_model, clip.visual_projection
                 vc = clip.config.vision_config
             self.patch_proj = nn.Sequential(nn.Linear(vc.hidden_size, d), nn.LayerNorm(d))
+            self.image_size = int(vc.image_size)  # pixels the tower expects
             self.num_patches = (vc.image_size // vc.patch_size) ** 2 + 1
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,14 +193,17 @@ class Encoder(nn.Module):
     def encode_image(self, pixel_values: torch.Tensor, image_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs the vision tower only on the images that exist; missing ones get zero states (masked later)."""
         B = pixel_values.shape[0]
-        V = pixel_values.new_zeros(B, self.num_patches, self.dim)  # (B, Lv, d)
-        v = pixel_values.new_zeros(B, self.dim)  # (B, d)
         idx = image_mask.nonzero(as_tuple=True)[0]
-        if idx.numel():
-            out = self.vision_model(pixel_values=pixel_values[idx])
-            pooled = getattr(out, "pooler_output", None)
-            if pooled is None:
-                pooled = out.last_hidden_state[:, 0]
-            V = V.index_copy(0, idx, self.patch_proj(out.last_hidden_state))
-            v = v.index_copy(0, idx, self.visual_projection(pooled))
+        if not idx.numel():  # zeros in the dtype the projections produce (bf16 under DeepSpeed bf16)
+            dtype = self.visual_projection.weight.dtype
+            return (pixel_values.new_zeros(B, self.num_patches, self.dim, dtype=dtype),  # (B, Lv, d)
+                    pixel_values.new_zeros(B, self.dim, dtype=dtype))  # (B, d)
+        out = self.vision_model(pixel_values=pixel_values[idx])
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            pooled = out.last_hidden_state[:, 0]
+        # the states' dtype is the tower's (pixels stay float32 while a bf16 / autocast tower returns bf16)
+        Vi, vi = self.patch_proj(out.last_hidden_state), self.visual_projection(pooled)  # (n, Lv, d), (n, d)
+        V = Vi.new_zeros(B, *Vi.shape[1:]).index_copy(0, idx, Vi)  # (B, Lv, d)
+        v = vi.new_zeros(B, vi.shape[1]).index_copy(0, idx, vi)  # (B, d)
         return V, v

@@ -29,10 +29,11 @@ from otmel.model.matching import UnimodalMatcher, valid_prefix
 
 
 class OTMEL(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, random_init: bool = False) -> None:
+        """`random_init`: pretrained towers built from their configs with random weights (`otmel plan`)."""
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg)
+        self.encoder = Encoder(cfg, random_init)
         d = self.encoder.dim
         if cfg.use_fusion:
             self.fusion = Fusion(cfg, d)

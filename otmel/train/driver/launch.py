@@ -145,6 +145,7 @@ def run_trainer(trainer: Any, cfg: RunConfig, run_name: str) -> dict[str, Any]:
         "samples": state.get("samples"),
         "resizes": state.get("resizes", []),  # an elastic run's world changes: {time, global_step, samples, from, to}
         "preemptions": state.get("preemptions", []),  # the notices it wrote a just-in-time checkpoint for
+        "resumes": state.get("resumes", []),  # every restart from a checkpoint: {time, global_step, epoch, ...}
         "config": cfg.to_dict(),
     }
     run_dir.mkdir(parents=True, exist_ok=True)

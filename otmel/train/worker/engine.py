@@ -1,13 +1,14 @@
 """Training engines: DeepSpeed (default) or torch DDP, behind one small interface.
 
-Both read the same DeepSpeed JSON (`configs/deepspeed/*.json`): ZeRO stage, precision, gradient clipping
-and the LR schedule (`WarmupCosineLR`; DDP uses DeepSpeed's own scheduler class on a torch optimizer, so
-the two strategies follow the same schedule). The optimizer is always torch's AdamW: DeepSpeed's own
-"AdamW" JIT-builds a fused CPU Adam (~50 s on CPU).
+Both read the same DeepSpeed JSON (`configs/deepspeed/*.json`): ZeRO stage, precision (as `train.precision`
+resolves it: `otmel.train.worker.precision`), gradient clipping and the LR schedule (`WarmupCosineLR`; DDP uses
+DeepSpeed's own scheduler class on a torch optimizer, so the two strategies follow the same schedule). The
+optimizer is always torch's AdamW: DeepSpeed's own "AdamW" JIT-builds a fused CPU Adam (~50 s on CPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from enum import Enum
@@ -19,6 +20,7 @@ from torch import nn
 
 from otmel.io import atomic_path
 from otmel.runconfig import TrainConfig
+from otmel.train.worker.precision import Precision, apply_precision, resolve_precision
 
 
 def load_ds_config(train: TrainConfig, total_steps: int, use_gpu: bool, batch_size: int | None = None
@@ -39,12 +41,15 @@ def load_ds_config(train: TrainConfig, total_steps: int, use_gpu: bool, batch_si
     sched = ds.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}})
     # DeepSpeed's WarmupCosineLR refuses 0 warm-up steps; one step of warm-up from warmup_min_ratio is the nearest
     sched["params"].update(total_num_steps=max(1, total_steps), warmup_num_steps=max(1, train.warmup_steps))
-    # bf16 on GPU; fp32 on CPU (DeepSpeed on CPU runs fp32; the JSON may ask for bf16 on GPU only).
-    if not use_gpu:
-        ds.pop("bf16", None)
-        ds.pop("fp16", None)
+    # train.precision ("auto": the JSON's bf16 on GPU, fp32 on CPU, where DeepSpeed runs fp32): precision.py
+    apply_precision(ds, run_precision(train, use_gpu, ds))
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def run_precision(train: TrainConfig, use_gpu: bool, ds_config: dict[str, Any]) -> Precision:
+    """The run's `Precision` (`train.precision` on this device and strategy, the JSON as read)."""
+    return resolve_precision(train.precision, use_gpu=use_gpu, strategy=train.strategy, ds_config=ds_config)
 
 
 TOWER_PREFIXES = ("encoder.text_model.", "encoder.vision_model.")  # the (pre)trained backbones in OTMEL
@@ -68,6 +73,8 @@ class Engine:
                  batch_size: int | None = None) -> None:
         self.strategy = train.strategy
         self.ds_config = load_ds_config(train, total_steps, use_gpu, batch_size)
+        # the filled JSON resolves as the JSON did (its bf16 / fp16 section is there exactly when the engine's)
+        self.precision = run_precision(train, use_gpu, self.ds_config)  # `autocast()`: every forward's context
         self.module = model
         optimizer = torch.optim.AdamW(param_groups(model, train.lr, train.head_lr), lr=train.lr,
                                       weight_decay=train.weight_decay)
@@ -95,6 +102,10 @@ class Engine:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward_module(*args, **kwargs)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The autocast of the run's forward passes (`train.precision`; a no-op unless bf16 off the engine)."""
+        return self.precision.autocast()
 
     def step(self, loss: torch.Tensor, lr_iteration: float | None = None) -> None:
         """Backward + optimizer step; then the LR schedule moves to `lr_iteration` (the run's clock,
@@ -155,7 +166,11 @@ class Engine:
         return self.scheduler.state_dict()
 
     def load_scheduler_state(self, state: dict[str, Any]) -> None:
+        """Restore the schedule's position and set the optimizer's LR to it. DeepSpeed's ZeRO 1/2 optimizer load does
+        not restore the param groups' LR: they kept the fresh schedule's pre-start LR (0), so the first step after a
+        resume took no step at all (found by tests/test_full_size.py); the scheduler's own load sets no LR."""
         self.scheduler.load_state_dict(state)
+        self.scheduler.step(last_batch_iteration=self.scheduler.last_batch_iteration)
 
     def train(self) -> None:
         self.module.train()

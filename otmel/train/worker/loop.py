@@ -47,12 +47,13 @@ from otmel.train.worker.elastic import SampleClock, worker_batch
 from otmel.train.worker.engine import Engine
 from otmel.train.worker.evaluate import encode_kg, evaluate_split
 from otmel.train.worker.mining import HardNegativeSchedule
+from otmel.train.worker.precision import Precision
 from otmel.train.worker.progress import WorkerConsole
 from otmel.train.worker.tracking import Tracker
 
 # Fault injection for the tests, outside the run config: with OTMEL_TEST_FAIL_AT_STEP=N in the driver's environment,
-# one worker (rank 1, or 0 alone) dies once, abruptly, at global step N; the marker in the run folder keeps the
-# restarted workers alive (tests/test_train_ray.py).
+# one worker (rank 1, or 0 alone) dies once, abruptly, at global step N, once Ray Train took its last report; the
+# marker in the run folder keeps the restarted workers alive (tests/test_train_ray.py, tests/test_full_size.py).
 FAULT_ENV = "OTMEL_TEST_FAIL_AT_STEP"
 FAULT_MARKER = ".fault-injected"
 
@@ -100,23 +101,42 @@ def _maybe_inject_fault(fail_at_step: int | None, global_step: int, rank: int, w
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"worker {rank} killed at step {global_step}\n")
+    _wait_until_reports_are_taken()
     os._exit(1)
 
 
-class Evaluator:
-    """Whole-KG evaluation of one or more splits, sharing one entity cache per call."""
+def _wait_until_reports_are_taken(timeout_s: float = 60.0) -> None:
+    """Until Ray Train's controller took this worker's last report (Ray 2.60 holds it in a one-slot queue until its
+    next poll, every 2 s): a worker dying right after a checkpoint would take it along, and the checkpoint the restart
+    resumes from would be a race."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
 
-    def __init__(self, data: DataConfig, eval_batch_size: int, preprocessor: Any, rank: int, world_size: int) -> None:
+        reports = get_train_context().get_result_queue()
+    except Exception:  # another Ray Train: two poll intervals
+        time.sleep(5.0)
+        return
+    deadline = time.monotonic() + timeout_s
+    while reports.unfinished_tasks and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+class Evaluator:
+    """Whole-KG evaluation of one or more splits, sharing one entity cache per call, under the run's autocast (the
+    training forward's: `precision`); `eval/kg_entities` counts the entities ranked (all ranks' shares)."""
+
+    def __init__(self, data: DataConfig, eval_batch_size: int, preprocessor: Any, rank: int, world_size: int,
+                 precision: Precision | None = None) -> None:
         self.data, self.batch_size, self.pre = data, eval_batch_size, preprocessor
-        self.rank, self.world = rank, world_size
+        self.rank, self.world, self.precision = rank, world_size, precision or Precision()
 
     def __call__(self, model: OTMEL, splits: list[str]) -> dict[str, float]:
         shards, kw = Path(self.data.shards), dict(
             batch_size=self.batch_size, rank=self.rank, world_size=self.world, num_workers=self.data.num_workers,
         )
-        with eval_mode(model):
+        with eval_mode(model), self.precision.autocast():
             cache = encode_kg(model, kg_loader(shards, self.pre, **kw))
-            out: dict[str, float] = {}
+            out = {"eval/kg_entities": all_reduce_sum(len(cache) if cache is not None else 0, self.world)}
             for split in splits:
                 metrics, _ = evaluate_split(model, [], eval_loader(shards, split, self.pre, **kw), self.world, cache)
                 out.update({f"{split}/{k}": v for k, v in metrics.items()})
@@ -165,6 +185,7 @@ class TrainState:
     world_size: int = 0  # the world that wrote this state (0: none yet)
     resizes: list[dict[str, Any]] = field(default_factory=list)  # {time, global_step, samples, from, to}
     preemptions: list[dict[str, Any]] = field(default_factory=list)  # notices: {time, global_step, deadline_ms, ...}
+    resumes: list[dict[str, Any]] = field(default_factory=list)  # restarts from a checkpoint: {time, global_step, ...}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
@@ -197,7 +218,8 @@ class Worker:
         self.loss_fn = OTMELLoss(cfg.model.kd, cfg.model.kd_weight, cfg.model.kd_target)
         self.pool = entity_pool_for(cfg.train.negatives, self.rank, self.world,
                                     gather_with_grad=cfg.train.gather_with_grad)
-        self.evaluate = Evaluator(cfg.data, cfg.train.eval_batch_size, self.pre, self.rank, self.world)
+        self.evaluate = Evaluator(cfg.data, cfg.train.eval_batch_size, self.pre, self.rank, self.world,
+                                  self.engine.precision)
         self.hard = (HardNegativeSchedule(cfg.train, cfg.data, self.pre, self.rank, self.world)
                      if cfg.train.hard_negatives != "none" else None)
         self.best: dict[str, torch.Tensor] | None  # the best-dev-MRR weights so far
@@ -230,6 +252,10 @@ class Worker:
             if self.hard is not None:
                 self.hard.restore(load_extra(directory))
         state = self.state
+        state.resumes.append({"time": time.time(), "global_step": state.global_step, "epoch": state.epoch,
+                              "step_in_epoch": state.step_in_epoch, "checkpoint": directory.name})
+        self.console.note(f"resumed from {directory.name} at global step {state.global_step} (epoch "
+                          f"{state.epoch + 1}, {state.step_in_epoch} of its steps done)")
         if not state.samples and state.global_step:  # a checkpoint from before the clock: fixed size, whole steps
             state.samples = state.epoch * self.clock.epoch_samples + state.step_in_epoch * self.batch * self.world
         if state.world_size and state.world_size != self.world:
@@ -259,7 +285,8 @@ class Worker:
         until the run's clock reaches the epoch's end."""
         cfg, st, clock = self.cfg, self.state, self.clock
         global_batch = self.batch * self.world
-        hard_stats = self.hard.start_epoch(self.model, epoch) if self.hard is not None else {}
+        with self.engine.autocast():  # mining encodes like evaluation
+            hard_stats = self.hard.start_epoch(self.model, epoch) if self.hard is not None else {}
         loader = train_loader(Path(cfg.data.shards), self.pre, batch_size=self.batch,
                               steps_per_epoch=self.steps, epoch=epoch, seed=cfg.train.seed, rank=self.rank,
                               world_size=self.world, num_workers=cfg.data.num_workers,
@@ -274,7 +301,8 @@ class Worker:
             _maybe_inject_fault(self.fail_at_step, st.global_step, self.rank, self.world, self.run_dir)
             if self.hard is not None:
                 batch = self.hard.augment(batch, epoch, i)
-            terms = self.loss_fn(**self.engine(batch, entity_pool=self.pool))
+            with self.engine.autocast():  # model forward + loss; backward (engine.step) outside, as torch advises
+                terms = self.loss_fn(**self.engine(batch, entity_pool=self.pool))
             skipped = self.nonfinite.skip(terms, st.global_step + 1)
             before = st.samples
             st.samples += global_batch
@@ -353,6 +381,7 @@ class Worker:
         self.engine.train()
         if self.rank == 0:
             self.tracker.log({"train/world_size": float(self.world)}, self.state.global_step)
+            print(f"[otmel] precision: {self.engine.precision.describe()}", flush=True)  # the worker's log
         for epoch in range(self.state.epoch, self.cfg.train.epochs):
             metrics = self.train_epoch(epoch)
             self.validate(epoch, metrics)
