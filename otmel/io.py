@@ -31,30 +31,34 @@ def _fsync(path: Path, directory: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path` (`.NAME.tmp-PID`); on a clean exit fsync it, rename it onto `path` and
-    fsync the folder (so the rename survives a power loss); on an error remove it."""
+    fsync the folder (so the rename survives a power loss); on an error remove it. `durable=False` skips both fsyncs
+    (the rename stays): for files in a staging folder that another writer copies and deletes (a Ray Train checkpoint
+    folder), whose copy is what must be whole."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
-        _fsync(tmp)
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync(path.parent, directory=True)
+    if durable:
+        _fsync(path.parent, directory=True)
 
 
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write `data` (text as UTF-8) to `path` atomically."""
-    with atomic_path(path) as tmp:
+def atomic_write(path: str | Path, data: bytes | str, durable: bool = True) -> None:
+    """Write `data` (text as UTF-8) to `path` atomically (`durable`: see `atomic_path`)."""
+    with atomic_path(path, durable) as tmp:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
 
 
-def atomic_json(path: str | Path, obj: Any, **dump_kw: Any) -> None:
-    """`json.dumps(obj, **dump_kw)` written to `path` atomically."""
-    atomic_write(path, json.dumps(obj, **dump_kw))
+def atomic_json(path: str | Path, obj: Any, durable: bool = True, **dump_kw: Any) -> None:
+    """`json.dumps(obj, **dump_kw)` written to `path` atomically (`durable`: see `atomic_path`)."""
+    atomic_write(path, json.dumps(obj, **dump_kw), durable)
 
 
 __all__ = ["atomic_json", "atomic_path", "atomic_write"]

@@ -36,13 +36,14 @@ from otmel.io import atomic_json, atomic_path
 from otmel.train.worker.engine import Engine, load_state_file, save_state_file
 
 
-def _atomic_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    with atomic_path(path) as tmp:
+def _atomic_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str],
+                        durable: bool = True) -> None:
+    with atomic_path(path, durable) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
-def _atomic_json(obj: Any, path: Path) -> None:
-    atomic_json(path, obj, indent=2, sort_keys=True)
+def _atomic_json(obj: Any, path: Path, durable: bool = True) -> None:
+    atomic_json(path, obj, durable, indent=2, sort_keys=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -73,9 +74,14 @@ def save_checkpoint(
     best: dict[str, torch.Tensor] | None,
     config: dict[str, Any],
     extra: dict[str, torch.Tensor] | None = None,
+    durable: bool = True,
 ) -> None:
+    """Write this rank's part of a checkpoint into `directory`, every file under a temporary name then renamed, the
+    rank's manifest (sizes, sha256) last. `durable=False` for a staging folder that Ray Train copies into the run's
+    storage and deletes: fsyncing files about to be copied protects nothing (the copy is what a resume reads, and
+    `verify_checkpoint` checks it against the manifests), and costs ~6 s per 3 GB checkpoint (test_full_size.py)."""
     try:
-        _save_files(directory, rank, model, engine, state, best, config, extra)
+        _save_files(directory, rank, model, engine, state, best, config, extra, durable)
     except OSError as exc:  # ENOSPC, EDQUOT, EIO ...: say so in one line; the previous checkpoint is untouched
         raise CheckpointWriteError(f"writing checkpoint {directory} failed on rank {rank}: {exc.strerror or exc} "
                                    f"({type(exc).__name__}, errno {exc.errno}); the previous checkpoint is intact "
@@ -88,28 +94,28 @@ class CheckpointWriteError(UserError, RuntimeError):
 
 def _save_files(directory: Path, rank: int, model: nn.Module, engine: Engine, state: dict[str, Any],
                 best: dict[str, torch.Tensor] | None, config: dict[str, Any],
-                extra: dict[str, torch.Tensor] | None) -> None:
+                extra: dict[str, torch.Tensor] | None, durable: bool) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     written = [f"optim-rank{rank}.pt"]
     save_state_file(
         {"optimizer": engine.optimizer_state(), "scheduler": engine.scheduler_state(), "rng": rng_state()},
-        directory / written[0],
+        directory / written[0], durable,
     )
     if rank == 0:
         meta = {"format": "otmel-checkpoint-1"}
-        _atomic_safetensors(model.state_dict(), directory / MODEL_FILE, meta)
+        _atomic_safetensors(model.state_dict(), directory / MODEL_FILE, meta, durable)
         written.append(MODEL_FILE)
         if best is not None:
-            _atomic_safetensors(best, directory / BEST_FILE, meta)
+            _atomic_safetensors(best, directory / BEST_FILE, meta, durable)
             written.append(BEST_FILE)
         if extra:
-            _atomic_safetensors(extra, directory / EXTRA_FILE, meta)
+            _atomic_safetensors(extra, directory / EXTRA_FILE, meta, durable)
             written.append(EXTRA_FILE)
-        _atomic_json({**state, "config": config}, directory / STATE_FILE)
+        _atomic_json({**state, "config": config}, directory / STATE_FILE, durable)
         written.append(STATE_FILE)
     # written last: a rank's part of a checkpoint is complete exactly when its manifest exists
     _atomic_json({"files": {n: {"bytes": (directory / n).stat().st_size, "sha256": sha256_file(directory / n)}
-                            for n in written}}, directory / f"manifest-rank{rank}.json")
+                            for n in written}}, directory / f"manifest-rank{rank}.json", durable)
 
 
 class CheckpointCorruptError(UserError, RuntimeError):

@@ -214,9 +214,10 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def save_state_file(obj: Any, path: Path) -> None:
-    """torch.save to a temp name, then rename: a crash never leaves a half-written file."""
-    with atomic_path(path) as tmp:
+def save_state_file(obj: Any, path: Path, durable: bool = True) -> None:
+    """torch.save to a temp name, then rename: a crash never leaves a half-written file (`durable`: fsync too,
+    `otmel.io.atomic_path`)."""
+    with atomic_path(path, durable) as tmp:
         torch.save(obj, tmp)
 
 

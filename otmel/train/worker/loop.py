@@ -277,7 +277,8 @@ class Worker:
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(Path(tmp), rank=self.rank, model=self.model, engine=self.engine,
                             state=asdict(self.state), best=self.best, config=self.config_dict,
-                            extra=self.hard.state_tensors() if self.hard is not None else None)
+                            extra=self.hard.state_tensors() if self.hard is not None else None,
+                            durable=False)  # a staging folder: Ray Train copies it into storage
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
