@@ -22,7 +22,7 @@ if [ "$split" = 0 ]; then
     exec .venv/bin/python -m pytest -q --durations=25 "${args[@]}"
 fi
 GROUP_A=(tests/test_train_ray.py tests/test_local_autoscaler.py tests/test_worker_errors.py
-         tests/test_ray_already_there.py tests/test_elastic.py)
+         tests/test_ray_already_there.py tests/test_elastic.py tests/test_full_size.py)
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 export OTMEL_TEST_THREADS=1  # one torch thread per process: two processes on 2 cores

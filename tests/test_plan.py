@@ -224,8 +224,8 @@ def test_plan_command_json(measured: Measurements, monkeypatch: pytest.MonkeyPat
 
     seen = {}
 
-    def reuse(cfg, check_batch=None, progress=None):  # type: ignore[no-untyped-def]
-        seen["batch"] = cfg.train.batch_size
+    def reuse(cfg, check_batch=None, progress=None, device="?"):  # type: ignore[no-untyped-def]
+        seen["batch"], seen["device"] = cfg.train.batch_size, device
         return measured
 
     monkeypatch.setattr(otmel.plan, "measure", reuse)
@@ -235,6 +235,7 @@ def test_plan_command_json(measured: Measurements, monkeypatch: pytest.MonkeyPat
     assert main(args) == 0
     plan = json.loads(capsys.readouterr().out)
     assert seen["batch"] == 8 and plan["layout"]["batch_per_gpu"] == 8 and plan["layout"]["pool"] == 24
+    assert seen["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
     assert plan["hardware"]["gpu_memory"] == 24 * GiB and plan["hardware"]["tflops"] == 100
     assert plan["dataset"]["kg"] == 777 and plan["dataset"]["train"] == 999
     assert "command line" in plan["dataset"]["source"]
@@ -253,6 +254,9 @@ def test_plan_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     counts = ["--train-mentions", "1", "--dev-mentions", "1", "--test-mentions", "1", "--kg-entities", "1"]
     assert main(["plan", "--config", "configs/synth.yaml", "--gpu-memory", "lots", *counts]) == 2
     assert "80GB" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["plan", "--config", "configs/synth.yaml", "--device", "cuda", *counts]) == 2
+        assert "no CUDA device here" in capsys.readouterr().err
 
 
 def test_parse_size() -> None:

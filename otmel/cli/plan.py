@@ -45,6 +45,8 @@ def _cmd_plan(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{name}-mentions", type=int, default=None, dest=name,
                        help=f"{name} mentions (default: the packed manifest, or the paper's Table 5)")
     p.add_argument("--kg-entities", type=int, default=None, dest="kg", help="KG entities (default: as above)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the probe steps run (default auto: the GPU when there is one, else the CPU)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides such as train.batch_size=32")
 
@@ -63,7 +65,10 @@ def _cmd_plan(sub: argparse._SubParsersAction) -> None:
         data = DatasetSize.of(cfg, {k: getattr(args, k) for k in ("train", "dev", "test", "kg")})
         torch.set_flush_denormal(True)
         say = None if args.json else lambda msg: print(f"otmel plan: {msg}", file=sys.stderr)
-        plan = project(cfg, hw, data, measure(cfg, check_batch=args.check_batch, progress=say))
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
+        plan = project(cfg, hw, data, measure(cfg, check_batch=args.check_batch, progress=say, device=device))
         print(plan.to_json() if args.json else render(plan))
         return 0
 

@@ -104,6 +104,7 @@ class Plan:
     index: list[dict[str, Any]]
     check: dict[str, Any] | None = None
     assumptions: list[str] = field(default_factory=list)
+    measured_on: str = "cpu"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -121,6 +122,14 @@ def _precision_bf16(cfg: RunConfig) -> tuple[bool, bool]:
 
     p = resolve_precision(cfg.train.precision, use_gpu=True, strategy=cfg.train.strategy, ds_config=_ds_json(cfg))
     return p.engine == "bf16" or p.autocast_dtype == torch.bfloat16, p.engine == "bf16"
+
+
+def towers_name(cfg: RunConfig) -> str:
+    """What the towers are: `model.pretrained`, or the separate `text_model` (+ `vision_model`)."""
+    m = cfg.model
+    if not m.text_model:
+        return m.pretrained
+    return m.text_model + (f" + {m.vision_model}" if m.use_images and m.vision_model else " (text only)")
 
 
 def _stage(cfg: RunConfig) -> int:
@@ -151,6 +160,7 @@ def _peak(states: ModelStates, act: dict[str, int]) -> int:
 class Measurements:
     """What `measure` found on this machine: enough to project onto any GPUs, batch and pool (`project`)."""
 
+    device: str  # where the probes ran
     bf16: bool  # activations (the measured module) in bf16
     states_bf16: bool  # model states in DeepSpeed's bf16 layout (16-bit weights, fp32 master)
     zero_stage: int
@@ -166,14 +176,15 @@ class Measurements:
     check: dict[str, Any] | None
 
 
-def measure(cfg: RunConfig, check_batch: int | None = None, progress: Any = None) -> Measurements:
-    """Build the configured model at full size with random weights; run the `PROBES` training steps, the
+def measure(cfg: RunConfig, check_batch: int | None = None, progress: Any = None, device: str = "cpu"
+            ) -> Measurements:
+    """Build the configured model at full size with random weights on `device`; run the `PROBES` training steps, the
     evaluation's unit costs and the towers alone; with `check_batch`, one more step at that batch (a pool of 2
     workers, the configured chunk) beside the fit's projection of it."""
     say = progress or (lambda _msg: None)
     bf16, states_bf16 = _precision_bf16(cfg)
-    say(f"building {cfg.model.pretrained} at full size with random weights ({'bf16' if bf16 else 'fp32'})")
-    model = build_probe_model(cfg.model, bf16)
+    say(f"building {towers_name(cfg)} at full size with random weights ({'bf16' if bf16 else 'fp32'}, {device})")
+    model = build_probe_model(cfg.model, bf16, device=device)
     probes: list[Probe] = []
     for b, P, c in PROBES:
         say(f"training step: batch {b}, pool {P}, matcher chunk {c}")
@@ -190,7 +201,8 @@ def measure(cfg: RunConfig, check_batch: int | None = None, progress: Any = None
                  "measured_flops": got.flops, "projected_flops": step.flops(check_batch, P)}
     one_entity = {k: v[:1] for k, v in synthetic_batch(model, 1).items() if k.startswith("e_")}
     return Measurements(
-        bf16=bf16, states_bf16=states_bf16, zero_stage=_stage(cfg), params=sum(p.numel() for p in model.parameters()),
+        device=device, bf16=bf16, states_bf16=states_bf16, zero_stage=_stage(cfg),
+        params=sum(p.numel() for p in model.parameters()),
         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
         largest_layer=largest_layer_params(model), image_size=model.encoder.image_size if cfg.model.use_images else 0,
         probes=probes, step=step, unit=eval_cost(model),
@@ -235,7 +247,7 @@ def project(cfg: RunConfig, hw: Hardware, data: DatasetSize, m: Measurements) ->
              for kind in ANN_KINDS]
     return Plan(
         config=cfg.name,
-        model={"pretrained": cfg.model.pretrained, "params": m.params, "trainable": trainable,
+        model={"pretrained": towers_name(cfg), "params": m.params, "trainable": trainable,
                "largest_layer": m.largest_layer, "precision": "bf16" if bf16 else "fp32", "max_len": cfg.model.max_len,
                "hidden_dim": cfg.model.hidden_dim, "image_size": m.image_size},
         hardware=asdict(hw), dataset=asdict(data),
@@ -255,6 +267,7 @@ def project(cfg: RunConfig, hw: Hardware, data: DatasetSize, m: Measurements) ->
         seconds={"step": step_s, "epoch": epoch_s, "dev_eval": eval_s(data.dev), "test_eval":
                  eval_s(data.test), "run": cfg.train.epochs * epoch_s + evals * eval_s(data.dev) + eval_s(data.test),
                  "this_machine_step": m.probes[1].seconds},
+        measured_on=m.device,
         index=index, check=m.check,
         assumptions=[f"matmuls at {hw.mfu:.0%} of {hw.tflops:g} TFLOP/s per GPU, other operators at "
                      f"{BANDWIDTH_EFFICIENCY:.0%} of {hw.bandwidth:g} GB/s, unfused", f"allowance: {ALLOWANCE}",

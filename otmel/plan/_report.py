@@ -65,6 +65,6 @@ def render(plan: Plan) -> str:
                       f"{c['measured_bytes'] / 2**20:.1f} MiB, projected {c['projected_bytes'] / 2**20:.1f} MiB "
                       f"({c['error']:+.1%})"]
     lines += ["", f"dataset: {data['source']}", "assumptions: " + "; ".join(plan.assumptions),
-              f"measured here: {len(plan.probes)} training steps; the one at batch {plan.probes[1]['b']} took "
-              f"{sec['this_machine_step']:.1f} s on this machine"]
+              f"measured here ({plan.measured_on}): {len(plan.probes)} training steps; the one at batch "
+              f"{plan.probes[1]['b']} took {sec['this_machine_step']:.2f} s (forward + backward)"]
     return "\n".join(lines)

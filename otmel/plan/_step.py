@@ -64,7 +64,8 @@ def synthetic_batch(model: OTMEL, b: int, seed: int = 0) -> dict[str, torch.Tens
         batch[f"{p}_image_mask"] = torch.full((b,), cfg.use_images)
     batch["e_index"] = torch.arange(b)
     batch["m_index"] = torch.arange(b)
-    return batch
+    device = model.logit_scale.device  # where the model is (`build_probe_model(..., device=)`)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def _copies(t: torch.Tensor, with_grad: bool, n: int) -> list[torch.Tensor]:
@@ -122,6 +123,8 @@ def train_probe(model: OTMEL, b: int, P: int, c: int, timed: bool = False) -> Pr
             model.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
             loss().backward()
+            if batch["m_index"].is_cuda:
+                torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
     return Probe(b=b, P=P, c=c, peak_bytes=int(peak), grad_bytes=grads, weight_cast_bytes=int(casts),
@@ -173,12 +176,10 @@ def eval_cost(model: OTMEL, n_m: int = 2, n_e: int = 4) -> EvalCost:
                     per_pair=(fs // (n_m * n_all), bs // (n_m * n_all)))
 
 
-def build_probe_model(model_cfg: ModelConfig, bf16: bool, seed: int = 0) -> OTMEL:
-    """The configured model with random weights (no weight file read); `bf16`: the module in bf16, as
+def build_probe_model(model_cfg: ModelConfig, bf16: bool, seed: int = 0, device: str = "cpu") -> OTMEL:
+    """The configured model with random weights (no weight file read) on `device`; `bf16`: the module in bf16, as
     DeepSpeed's bf16 mode runs it (weights, activations and gradients bf16; the fp32 master weights and Adam states
-    are model states, counted by `otmel.plan._states`)."""
+    are model states, counted by `otmel.plan._states`). Every probe's batch is made on the model's device."""
     torch.manual_seed(seed)
     model = OTMEL(model_cfg, random_init=True)
-    if bf16:
-        model = model.to(torch.bfloat16)
-    return model
+    return model.to(device=device, dtype=torch.bfloat16 if bf16 else None)
