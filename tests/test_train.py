@@ -145,13 +145,10 @@ class _FakeRayTrain:
         self.reports.append(dict(metrics))
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_a_short_cpu_run_trains_and_evaluates_under_the_precision_it_asks_for(
-        precision: str, toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The real worker loop (`Worker.run`, one in-process rank, ddp) on the toy shards: with train.precision=bf16 a
-    Linear inside the text and vision towers returns bfloat16 in the training forward and in the whole-KG evaluation
-    while every parameter stays float32; the optimizer steps move the weights and the loss is finite. fp32: float32
-    throughout."""
+def _cpu_worker(toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str
+                ) -> tuple[Any, _FakeRayTrain]:
+    """A real `Worker` (one in-process rank, ddp, a tiny model) on the toy shards, with `ray.train` faked (the caller
+    restores torch's thread count, which the worker sets)."""
     import ray.train
 
     from otmel.train.worker.loop import Worker
@@ -163,13 +160,23 @@ def test_a_short_cpu_run_trains_and_evaluates_under_the_precision_it_asks_for(
     monkeypatch.setattr(ray.train.Checkpoint, "from_directory", staticmethod(lambda d: d))
     cfg = load_config(ROOT / "configs/synth.yaml", [
         f"data.shards={toy}", "data.num_workers=0", "model.tiny_width=32", "model.tiny_layers=1", "model.hidden_dim=16",
-        "model.tiny_image_size=16", "model.max_len=16", "train.strategy=ddp", f"train.precision={precision}",
+        "model.tiny_image_size=16", "model.max_len=16", "train.strategy=ddp",
         "train.batch_size=2", "train.steps_per_epoch=3", "train.epochs=1", "train.warmup_steps=1", "train.lr=1e-2",
         "train.eval_batch_size=4", "train.progress=false", "wandb.enabled=false", "run.console=verbose",
-        "run.preemption_check_every=0", "scaling.num_workers=1"])
+        "run.preemption_check_every=0", "scaling.num_workers=1", *overrides])
+    return Worker(cfg, tmp_path / "run", channel=None), fake
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_a_short_cpu_run_trains_and_evaluates_under_the_precision_it_asks_for(
+        precision: str, toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real worker loop (`Worker.run`, one in-process rank, ddp) on the toy shards: with train.precision=bf16 a
+    Linear inside the text and vision towers returns bfloat16 in the training forward and in the whole-KG evaluation
+    while every parameter stays float32; the optimizer steps move the weights and the loss is finite. fp32: float32
+    throughout."""
     threads = torch.get_num_threads()
     try:
-        worker = Worker(cfg, tmp_path / "run", channel=None)
+        worker, fake = _cpu_worker(toy, tmp_path, monkeypatch, f"train.precision={precision}")
         towers = worker.model.encoder
         seen: list[tuple[str, bool, torch.dtype, torch.dtype]] = []  # (tower, grad enabled, output, weight)
         for tower, linear in (("text", towers.text_model.encoder.layers[0].mlp.fc1),
@@ -192,6 +199,65 @@ def test_a_short_cpu_run_trains_and_evaluates_under_the_precision_it_asks_for(
     assert math.isfinite(epoch["train/loss"]) and epoch["train/nonfinite_steps"] == 0
     moved = [n for n, p in worker.model.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert len(moved) > 0.9 * len(before)  # the optimizer stepped (almost) every parameter
+
+
+def test_every_batch_reaches_the_model_on_the_workers_device(toy: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real worker loop on the toy shards with lexical + mined hard negatives: every batch that reaches the
+    model's towers (`OTMEL._encode`: the training forward, whole-KG evaluation, mining) is one that
+    `devices.to_device` returned, for the worker's device (on this CPU machine the CPU: no GPU here); each training
+    step moves exactly one batch, after its hard negatives were appended to the CPU batch."""
+    from otmel.train.worker import devices, evaluate, loop, mining
+
+    threads = torch.get_num_threads()
+    try:
+        worker, fake = _cpu_worker(toy, tmp_path, monkeypatch, "train.hard_negatives=both", "train.hard_pool=2",
+                                   "train.hard_per_mention=1")
+        assert worker.device == torch.device("cpu") and worker.engine.device == worker.device
+        assert worker.hard is not None and worker.evaluate.device == worker.hard.device == worker.device
+        moved: list[dict[str, Any]] = []  # every batch to_device returned (kept alive, so identities stay unique)
+        calls: list[tuple[str, torch.device, int]] = []  # (module, device, id of the batch it was given)
+
+        def spy(where: str) -> Any:
+            def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+                out = devices.to_device(batch, device)
+                assert all(v.device == torch.device(device) for v in out.values() if torch.is_tensor(v))
+                moved.append(out)
+                calls.append((where, torch.device(device), id(batch)))
+                return out
+            return to_device
+
+        for module in (loop, evaluate, mining):
+            monkeypatch.setattr(module, "to_device", spy(module.__name__.rsplit(".", 1)[-1]))
+        augmented: list[dict[str, Any]] = []
+        real_augment = mining.HardNegativeSchedule.augment
+
+        def augment(self: Any, batch: dict[str, torch.Tensor], epoch: int, step: int) -> dict[str, torch.Tensor]:
+            assert all(v.device.type == "cpu" for v in batch.values()) and not any(batch is m for m in moved)
+            augmented.append(real_augment(self, batch, epoch, step))
+            return augmented[-1]
+
+        monkeypatch.setattr(mining.HardNegativeSchedule, "augment", augment)
+        reached: list[tuple[str, bool]] = []  # (side, the batch came from to_device)
+        real_encode = OTMEL._encode
+
+        def encode(self: OTMEL, batch: dict[str, torch.Tensor], p: str) -> Any:
+            reached.append((p, any(batch is m for m in moved)))
+            return real_encode(self, batch, p)
+
+        monkeypatch.setattr(OTMEL, "_encode", encode)
+        worker.run()
+    finally:
+        torch.set_num_threads(threads)
+    assert fake.reports[-1]["global_step"] == 3 and fake.reports[-2]["hard/mine_seconds"] > 0
+    assert reached and all(ok for _, ok in reached), reached
+    assert {where for where, *_ in calls} == {"loop", "evaluate", "mining"}
+    assert {device for _, device, _ in calls} == {worker.device}
+    train_moves = [batch_id for where, _, batch_id in calls if where == "loop"]
+    assert len(train_moves) == 3 and train_moves == [id(b) for b in augmented]  # one per step, after the negatives
+    assert all(len(b["e_index"]) == 2 * len(b["m_index"]) for b in augmented)  # B golds + B hard negatives
+    # each training step's batch reaches both towers' sides (m, e); an evaluation or mining batch one side
+    assert len(reached) == 2 * len(train_moves) + len(calls) - len(train_moves)
 
 
 def test_evaluation_ranks_equal_the_full_score_matrix() -> None:

@@ -49,15 +49,21 @@ def _atomic_json(obj: Any, path: Path, durable: bool = True) -> None:
 def rng_state() -> dict[str, Any]:
     # the legacy tuple (numpy's stubs give the no-argument call the legacy=False overload's dict)
     np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
         "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # a GPU worker: dropout's RNG, per visible device
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():  # the same GPUs visible
+        torch.cuda.set_rng_state_all(cuda)
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
     version, internal, gauss_next = state["python"]

@@ -106,23 +106,33 @@ def entity_pool_for(
 # ---------------------------------------------------------------------------------- evaluation (no grad)
 
 
+def collective_device(like: torch.device | None = None) -> torch.device:
+    """The device a tensor must be on to go through a collective of the default group: NCCL takes CUDA tensors only
+    (`like` when it is a CUDA device, else the current one); any other backend (gloo, the CPU runs') CPU ones. The
+    features of a GPU run (NCCL) and of a CPU run (gloo) are there already: no copy. Needs the default group."""
+    if dist.get_backend() == "nccl":
+        return like if like is not None and like.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _gather_sizes(n: int, device: torch.device, world_size: int) -> list[int]:
-    size = torch.tensor([n], dtype=torch.long, device=device)
+    size = torch.tensor([n], dtype=torch.long, device=collective_device(device))
     sizes = [torch.empty_like(size) for _ in range(world_size)]
     dist.all_gather(sizes, size)
     return [int(s.item()) for s in sizes]
 
 
 def _gather_padded(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Pad `t` to max(sizes) rows, gather, strip each rank's padding, concatenate (rank order)."""
+    """Pad `t` to max(sizes) rows, gather, strip each rank's padding, concatenate (rank order); on `t`'s device."""
     t = t.detach().contiguous()
     n = max(sizes)
     if n == 0:
         return t
+    home, t = t.device, t.to(collective_device(t.device))
     buf = torch.cat([t, t.new_zeros((n - len(t), *t.shape[1:]))], 0) if len(t) < n else t
     out = [torch.empty_like(buf) for _ in sizes]
     dist.all_gather(out, buf)
-    return torch.cat([o[:s] for o, s in zip(out, sizes, strict=True)], 0)
+    return torch.cat([o[:s] for o, s in zip(out, sizes, strict=True)], 0).to(home)
 
 
 def all_gather_tensor_uneven(t: torch.Tensor, world_size: int | None = None) -> torch.Tensor:
@@ -158,8 +168,8 @@ def all_gather_uneven(bundle: B_ | torch.Tensor, world_size: int) -> B_ | torch.
 
 
 __all__ = [
-    "AllGather", "EntityPool", "all_gather_tensor_uneven", "all_gather_uneven", "default_all_gather",
-    "entity_pool_for", "gather_features", "make_entity_pool",
+    "AllGather", "EntityPool", "all_gather_tensor_uneven", "all_gather_uneven", "all_reduce_sum", "collective_device",
+    "default_all_gather", "entity_pool_for", "gather_features", "make_entity_pool",
 ]
 
 
@@ -167,7 +177,6 @@ def all_reduce_sum(value: float, world_size: int) -> float:
     """The sum of a number over ranks (the number itself with world_size 1: no collective)."""
     if world_size <= 1:
         return float(value)
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces CUDA tensors only
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=collective_device())  # NCCL: CUDA tensors only
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t[0])

@@ -4,6 +4,11 @@ Both read the same DeepSpeed JSON (`configs/deepspeed/*.json`): ZeRO stage, prec
 resolves it: `otmel.train.worker.precision`), gradient clipping and the LR schedule (`WarmupCosineLR`; DDP uses
 DeepSpeed's own scheduler class on a torch optimizer, so the two strategies follow the same schedule). The
 optimizer is always torch's AdamW: DeepSpeed's own "AdamW" JIT-builds a fused CPU Adam (~50 s on CPU).
+
+Device (`otmel.train.worker.devices`): the worker's one device. DDP: the model is moved there before the optimizer
+and the wrapper are built, and a CUDA device is DDP's one device id. DeepSpeed moves the model itself (to its
+accelerator's device of the worker's LOCAL_RANK); a GPU engine that lands elsewhere than the worker's device is an
+error, since every batch goes to the worker's device.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch import nn
 
 from otmel.io import atomic_path
 from otmel.runconfig import TrainConfig
+from otmel.train.worker.devices import ddp_device_kwargs
 from otmel.train.worker.precision import Precision, apply_precision, resolve_precision
 
 
@@ -70,12 +76,14 @@ class Engine:
     """model + optimizer + LR schedule; `forward`, `step(loss)`, and state for checkpoints."""
 
     def __init__(self, model: nn.Module, train: TrainConfig, total_steps: int, world_size: int, use_gpu: bool,
-                 batch_size: int | None = None) -> None:
-        self.strategy = train.strategy
+                 batch_size: int | None = None, device: torch.device | str = "cpu") -> None:
+        self.strategy, self.device = train.strategy, torch.device(device)
         self.ds_config = load_ds_config(train, total_steps, use_gpu, batch_size)
         # the filled JSON resolves as the JSON did (its bf16 / fp16 section is there exactly when the engine's)
         self.precision = run_precision(train, use_gpu, self.ds_config)  # `autocast()`: every forward's context
         self.module = model
+        if self.strategy != "deepspeed":
+            model.to(self.device)  # before the optimizer and DDP see its parameters
         optimizer = torch.optim.AdamW(param_groups(model, train.lr, train.head_lr), lr=train.lr,
                                       weight_decay=train.weight_decay)
         sched_params = self.ds_config["scheduler"]["params"]
@@ -89,6 +97,10 @@ class Engine:
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=optimizer, config=self.ds_config
             )
+            placed = torch.device(self.engine.device) if self.engine.device is not None else None
+            if self.device.type == "cuda" and placed != self.device:
+                raise RuntimeError(f"DeepSpeed placed the model on {placed}, but this worker's device (Ray Train's) is "
+                                   f"{self.device}: LOCAL_RANK does not index this worker's GPU")
             self.forward_module: nn.Module = self.engine
         else:
             from deepspeed.runtime.lr_schedules import WarmupCosineLR
@@ -96,7 +108,8 @@ class Engine:
             self.optimizer = optimizer
             self.scheduler = WarmupCosineLR(optimizer, **sched_params)
             self.forward_module = (
-                nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+                nn.parallel.DistributedDataParallel(model, **ddp_device_kwargs(self.device)) if world_size > 1
+                else model
             )
         self.grad_clip = train.grad_clip
 

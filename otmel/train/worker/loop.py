@@ -10,11 +10,14 @@ weights. Resume restores model, optimizer, scheduler, RNG and the stream positio
 stream of an epoch is a function of its seed, so a resumed run of the same world size skips exactly the batches it
 had consumed and sees the samples an uninterrupted run would; after a resize it takes up the new world's stream
 at the share of the epoch already done).
+
+Devices: one per worker (`worker_device`: Ray Train's GPU under `scaling.use_gpu`, else the CPU), decided once and
+handed to the engine, the evaluation and the mining; every batch reaches the model through
+`otmel.train.worker.devices.to_device` (the training step's after its hard negatives are appended on the CPU).
 """
 
 from __future__ import annotations
 
-import os
 import random
 import tempfile
 import time
@@ -42,20 +45,21 @@ from otmel.train.worker.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from otmel.train.worker.devices import to_device
 from otmel.train.worker.distributed import all_reduce_sum, entity_pool_for
 from otmel.train.worker.elastic import SampleClock, worker_batch
 from otmel.train.worker.engine import Engine
 from otmel.train.worker.evaluate import encode_kg, evaluate_split
+
+# the tests' fault hook (`otmel.train.worker.faults`), also importable from here as before
+from otmel.train.worker.faults import FAULT_ENV as FAULT_ENV
+from otmel.train.worker.faults import FAULT_MARKER as FAULT_MARKER
+from otmel.train.worker.faults import fault_run_config as fault_run_config
+from otmel.train.worker.faults import fault_step, maybe_inject_fault
 from otmel.train.worker.mining import HardNegativeSchedule
 from otmel.train.worker.precision import Precision
 from otmel.train.worker.progress import WorkerConsole
 from otmel.train.worker.tracking import Tracker
-
-# Fault injection for the tests, outside the run config: with OTMEL_TEST_FAIL_AT_STEP=N in the driver's environment,
-# one worker (rank 1, or 0 alone) dies once, abruptly, at global step N, once Ray Train took its last report; the
-# marker in the run folder keeps the restarted workers alive (tests/test_train_ray.py, tests/test_full_size.py).
-FAULT_ENV = "OTMEL_TEST_FAIL_AT_STEP"
-FAULT_MARKER = ".fault-injected"
 
 
 def seed_everything(seed: int) -> None:
@@ -72,73 +76,42 @@ def steps_per_epoch(cfg: RunConfig, world_size: int) -> int:
     return max(1, n_train // (cfg.train.batch_size * world_size))
 
 
-def fault_step() -> int | None:
-    """The global step of `FAULT_ENV` (None when it is unset); a value that is not an integer >= 1 is an error."""
-    value = os.environ.get(FAULT_ENV, "").strip()
-    if not value:
-        return None
-    if not value.isdecimal() or int(value) < 1:
-        raise ValueError(f"{FAULT_ENV}={value!r}: must be a global step >= 1")
-    return int(value)
+def worker_device(use_gpu: bool) -> torch.device:
+    """This worker's one device: under `scaling.use_gpu` the GPU Ray Train assigned it (`ray.train.torch.get_device`,
+    made the current CUDA device), else the CPU."""
+    if not use_gpu:
+        return torch.device("cpu")
+    import ray.train.torch
 
-
-def fault_run_config() -> dict[str, Any]:
-    """`ray.train.RunConfig` arguments handing the driver's `FAULT_ENV` to the workers' runtime env ({} when it is
-    unset): the workers of a joined or already started Ray do not see the driver's environment."""
-    step = fault_step()
-    return {} if step is None else {"worker_runtime_env": {"env_vars": {FAULT_ENV: str(step)}}}
-
-
-def _maybe_inject_fault(fail_at_step: int | None, global_step: int, rank: int, world_size: int, run_dir: Path
-                        ) -> None:
-    """One worker dies once, abruptly, at `fail_at_step` (`FAULT_ENV`)."""
-    if fail_at_step is None or global_step != fail_at_step:
-        return
-    if rank != (1 if world_size > 1 else 0):
-        return
-    marker = run_dir / FAULT_MARKER
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"worker {rank} killed at step {global_step}\n")
-    _wait_until_reports_are_taken()
-    os._exit(1)
-
-
-def _wait_until_reports_are_taken(timeout_s: float = 60.0) -> None:
-    """Until Ray Train's controller took this worker's last report (Ray 2.60 holds it in a one-slot queue until its
-    next poll, every 2 s): a worker dying right after a checkpoint would take it along, and the checkpoint the restart
-    resumes from would be a race."""
-    try:
-        from ray.train.v2._internal.execution.context import get_train_context
-
-        reports = get_train_context().get_result_queue()
-    except Exception:  # another Ray Train: two poll intervals
-        time.sleep(5.0)
-        return
-    deadline = time.monotonic() + timeout_s
-    while reports.unfinished_tasks and time.monotonic() < deadline:
-        time.sleep(0.05)
+    device = ray.train.torch.get_device()
+    if device.type != "cuda":
+        raise UserError(f"scaling.use_gpu=true, but this worker has no CUDA device (Ray Train gives it {device}; "
+                        f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}): install a CUDA "
+                        "build of torch on the GPU nodes, or set scaling.use_gpu=false")
+    torch.cuda.set_device(device)
+    return device
 
 
 class Evaluator:
     """Whole-KG evaluation of one or more splits, sharing one entity cache per call, under the run's autocast (the
-    training forward's: `precision`); `eval/kg_entities` counts the entities ranked (all ranks' shares)."""
+    training forward's: `precision`), on `device`; `eval/kg_entities` counts the entities ranked (all ranks')."""
 
     def __init__(self, data: DataConfig, eval_batch_size: int, preprocessor: Any, rank: int, world_size: int,
-                 precision: Precision | None = None) -> None:
+                 precision: Precision | None = None, device: torch.device | str = "cpu") -> None:
         self.data, self.batch_size, self.pre = data, eval_batch_size, preprocessor
         self.rank, self.world, self.precision = rank, world_size, precision or Precision()
+        self.device = torch.device(device)
 
     def __call__(self, model: OTMEL, splits: list[str]) -> dict[str, float]:
         shards, kw = Path(self.data.shards), dict(
             batch_size=self.batch_size, rank=self.rank, world_size=self.world, num_workers=self.data.num_workers,
         )
         with eval_mode(model), self.precision.autocast():
-            cache = encode_kg(model, kg_loader(shards, self.pre, **kw))
+            cache = encode_kg(model, kg_loader(shards, self.pre, **kw), self.device)
             out = {"eval/kg_entities": all_reduce_sum(len(cache) if cache is not None else 0, self.world)}
             for split in splits:
-                metrics, _ = evaluate_split(model, [], eval_loader(shards, split, self.pre, **kw), self.world, cache)
+                metrics, _ = evaluate_split(model, [], eval_loader(shards, split, self.pre, **kw), self.world, cache,
+                                            self.device)
                 out.update({f"{split}/{k}": v for k, v in metrics.items()})
         return out
 
@@ -206,7 +179,8 @@ class Worker:
         torch.set_flush_denormal(True)  # CPU: denormal floats in Sinkhorn plans cost 5-50x per op
         torch.set_num_threads(max(1, cfg.scaling.cpus_per_worker))
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
-        self.model = OTMEL(cfg.model)
+        self.device = worker_device(cfg.scaling.use_gpu)
+        self.model = OTMEL(cfg.model)  # built on the CPU; the engine moves it to `self.device`
         self.pre = build_preprocessor(cfg.model)
         self.batch = worker_batch(cfg.scaling, cfg.train.batch_size, self.world)
         reference = cfg.train.batch_size * cfg.scaling.max_workers
@@ -214,15 +188,15 @@ class Worker:
                                  cfg.train.epochs)
         self.steps = self.clock.stream_steps(self.batch * self.world)  # batches of an epoch's stream
         self.engine = Engine(self.model, cfg.train, self.clock.reference_steps, self.world, cfg.scaling.use_gpu,
-                             batch_size=self.batch)
+                             batch_size=self.batch, device=self.device)
         self.loss_fn = OTMELLoss(cfg.model.kd, cfg.model.kd_weight, cfg.model.kd_target)
         self.pool = entity_pool_for(cfg.train.negatives, self.rank, self.world,
                                     gather_with_grad=cfg.train.gather_with_grad)
         self.evaluate = Evaluator(cfg.data, cfg.train.eval_batch_size, self.pre, self.rank, self.world,
-                                  self.engine.precision)
-        self.hard = (HardNegativeSchedule(cfg.train, cfg.data, self.pre, self.rank, self.world)
+                                  self.engine.precision, self.device)
+        self.hard = (HardNegativeSchedule(cfg.train, cfg.data, self.pre, self.rank, self.world, self.device)
                      if cfg.train.hard_negatives != "none" else None)
-        self.best: dict[str, torch.Tensor] | None  # the best-dev-MRR weights so far
+        self.best: dict[str, torch.Tensor] | None  # the best-dev-MRR weights so far (on the CPU)
         self.state, self.best = TrainState(), None
         self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps, self.world)
         self.config_dict = cfg.to_dict()
@@ -299,9 +273,10 @@ class Worker:
         for i, batch in enumerate(loader):
             if i < skip or clock.epoch_done(epoch, st.samples):
                 continue  # consumed before the checkpoint we resumed from / past the epoch's samples (a resize)
-            _maybe_inject_fault(self.fail_at_step, st.global_step, self.rank, self.world, self.run_dir)
+            maybe_inject_fault(self.fail_at_step, st.global_step, self.rank, self.world, self.run_dir)
             if self.hard is not None:
-                batch = self.hard.augment(batch, epoch, i)
+                batch = self.hard.augment(batch, epoch, i)  # on the CPU, then the whole batch moves
+            batch = to_device(batch, self.device)
             with self.engine.autocast():  # model forward + loss; backward (engine.step) outside, as torch advises
                 terms = self.loss_fn(**self.engine(batch, entity_pool=self.pool))
             skipped = self.nonfinite.skip(terms, st.global_step + 1)
@@ -365,7 +340,7 @@ class Worker:
         metrics.update(self.evaluate(self.model, ["dev"]))
         if metrics["dev/MRR"] > self.state.best_mrr:
             self.state.best_mrr, self.state.best_epoch = metrics["dev/MRR"], epoch + 1
-            self.best = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def test(self) -> dict[str, float]:
         """Dev and test with the best checkpoint (by dev MRR)."""

@@ -7,7 +7,9 @@ the first-stage score (a few matrix products, no pairwise OT), drops the gold an
 (m_index, rows) pairs are all-gathered into one (N_train, k) table, identical on every rank. Cost per refresh:
 one forward pass over the KG and the training split, split across the ranks.
 
-Like `otmel.train.worker.distributed`, no Ray here: the caller passes its loaders and the world size.
+Like `otmel.train.worker.distributed`, no Ray here: the caller passes its loaders, the world size and its device
+(`otmel.train.worker.devices`: the batches are moved there, the scores and the top k computed there); the table comes
+back on the CPU, where the training batches get their hard negatives before they are moved.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from otmel.model.encoder import image_size_of
 from otmel.model.first_stage import FirstStage, first_stage_scores
 from otmel.model.modes import eval_mode
 from otmel.runconfig import DataConfig, TrainConfig
+from otmel.train.worker.devices import model_device, to_device
 from otmel.train.worker.distributed import all_gather_uneven
 from otmel.train.worker.evaluate import empty_batch
 
@@ -38,10 +41,13 @@ def _compact(e: EntityFeatures) -> EntityFeatures:
 
 @torch.no_grad()
 def compact_kg(model: OTMEL, kg_batches: Iterable[dict[str, torch.Tensor]], world_size: int,
-               image_size: int) -> EntityFeatures:
-    parts = [_compact(model.encode_entities(b)) for b in kg_batches]
+               image_size: int, device: torch.device | str | None = None) -> EntityFeatures:
+    """The whole KG's pooled vectors on every rank, on `device` (default: the model's)."""
+    device = device if device is not None else model_device(model)
+    parts = [_compact(model.encode_entities(to_device(b, device))) for b in kg_batches]
     if not parts:
-        parts = [_compact(model.encode_entities(empty_batch("e", model.cfg.max_len, image_size))).select(slice(0, 0))]
+        empty = empty_batch("e", model.cfg.max_len, image_size, device)
+        parts = [_compact(model.encode_entities(empty)).select(slice(0, 0))]
     return all_gather_uneven(EntityFeatures.cat(parts), world_size)
 
 
@@ -56,23 +62,28 @@ def mine_hard_negatives(
     world_size: int,
     image_size: int,
     first_stage: FirstStage = "summary",
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """(n_train, k) long table of KG rows, row `m_index`: the k best-scoring wrong entities, best first."""
+    """(n_train, k) long table of KG rows, row `m_index`: the k best-scoring wrong entities, best first. Encoded and
+    scored on `device` (default: the model's); the table is on the CPU."""
+    device = device if device is not None else model_device(model)
     with eval_mode(model):
-        kg = compact_kg(model, kg_batches, world_size, image_size)
+        kg = compact_kg(model, kg_batches, world_size, image_size, device)
         k_eff = min(k, max(len(kg) - 1, 0))
-        idx, rows = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, k, dtype=torch.long)]
+        idx = [torch.zeros(0, dtype=torch.long, device=device)]
+        rows = [torch.zeros(0, k, dtype=torch.long, device=device)]
         for b in train_batches:
+            b = to_device(b, device)
             m = model.encode_mentions(b)
             s = first_stage_scores(model, m, kg, first_stage)  # (B, Ne)
             s = s.masked_fill(kg.ids.unsqueeze(0) == b["e_index"].long().unsqueeze(1), float("-inf"))
             top = torch.topk(s, k_eff, dim=1).indices  # (B, k_eff)
-            r = torch.full((len(s), k), NO_ENTITY, dtype=torch.long)
+            r = torch.full((len(s), k), NO_ENTITY, dtype=torch.long, device=device)
             r[:, :k_eff] = kg.ids[top]
             idx.append(b["m_index"].long())
             rows.append(r)
-        m_index = all_gather_uneven(torch.cat(idx), world_size)
-        found = all_gather_uneven(torch.cat(rows), world_size)
+        m_index = all_gather_uneven(torch.cat(idx), world_size).cpu()
+        found = all_gather_uneven(torch.cat(rows), world_size).cpu()
     table = torch.full((n_train, k), NO_ENTITY, dtype=torch.long)
     table[m_index] = found
     return table
@@ -92,11 +103,12 @@ class HardNegativeSchedule:
     so a run resumed inside an epoch uses the table that epoch started with."""
 
     def __init__(self, train: TrainConfig, data: DataConfig, preprocessor: Preprocessor, rank: int,
-                 world_size: int) -> None:
+                 world_size: int, device: torch.device | str | None = None) -> None:
         from otmel.data.hard_negatives import EntityStore, HardNegatives, lexical_table
 
         t = train
         self.train, self.data, self.pre, self.rank, self.world = train, data, preprocessor, rank, world_size
+        self.device = device  # where mining encodes (the worker's device; None: the model's)
         shards = Path(data.shards)
         self.n_train = split_counts(shards)["train"]
         self.hard = HardNegatives(EntityStore(shards), preprocessor, t.hard_per_mention, num_entities(shards))
@@ -120,7 +132,7 @@ class HardNegativeSchedule:
             self.mined = mine_hard_negatives(
                 model, kg_loader(shards, self.pre, **kw), eval_loader(shards, "train", self.pre, **kw),
                 k=self.train.hard_pool, n_train=self.n_train, world_size=self.world,
-                image_size=image_size_of(model.cfg), first_stage=self.train.mine_first_stage)
+                image_size=image_size_of(model.cfg), first_stage=self.train.mine_first_stage, device=self.device)
             self.mined_epoch = epoch
             out["hard/mine_seconds"] = time.perf_counter() - t0
         table = combine_tables(self.mined, self.lexical)
@@ -130,6 +142,7 @@ class HardNegativeSchedule:
         return out
 
     def augment(self, batch: dict[str, torch.Tensor], epoch: int, step: int) -> dict[str, torch.Tensor]:
+        """The CPU batch from the loader with its hard-negative entity rows appended (before it is moved)."""
         return self.hard.augment(batch, hard_negative_seed(self.train.seed, epoch, self.rank, step))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
