@@ -3,9 +3,10 @@ earlier Ray sessions): an elastic run (`scaling.num_workers=[1, 2]`, DeepSpeed Z
 two 1-CPU worker nodes. Once the run has a checkpoint, one node gets a preemption notice (`ray drain-node --reason
 DRAIN_NODE_REASON_PREEMPTION` with a deadline); the workers must write a just-in-time checkpoint; once Ray Train has
 registered it the node is SIGKILLed. The run must go on with 1 worker from that checkpoint and grow back to 2 when a
-replacement node joins; then the replacement is SIGKILLed without a notice, and the run must go on with 1 worker from
-its newest registered checkpoint; it must end at the fixed-size run's number of samples (within one global batch),
-recording every resize and the notice. Prints a JSON line of timings (bench/elastic.py)."""
+replacement node joins (the lone worker held before each step meanwhile: `faults.HOLD_MARKER`); then the
+replacement is SIGKILLed without a notice, and the run must go on with 1 worker from its newest registered
+checkpoint; it must end at the fixed-size run's number of samples (within one global batch), recording every resize
+and the notice. Prints a JSON line of timings (bench/elastic.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from otmel.train.driver.launch import main as train_main
+from otmel.train.worker.faults import HOLD_MARKER
 from tests.ray_helpers import free_port, kill_node, synth_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,10 +141,15 @@ def main(tmp_path: Path) -> None:
         t_kill = time.time()
         _wait("a checkpoint at 1 worker", lambda: next(
             (s for s in _states(run_dir) if s.get("world_size") == 1), None), deadline, t, result)
+        # the lone worker waits before each step from here until the run has grown back (a tiny model's remaining
+        # steps could otherwise end the run before Ray Train resizes onto the new node)
+        hold = run_dir / HOLD_MARKER
+        hold.write_text("tests/elastic_script.py\n")
         replacement = cluster.add_node(num_cpus=1)  # the replacement machine: the run grows back to 2
         _wait("a registered checkpoint after growing back to 2 workers", lambda: any(
             (r["from"], r["to"]) == (1, 2) for r in _latest_registered(run_dir).get("resizes", [])),
             deadline, t, result)
+        hold.unlink()
         # the replacement is lost without a notice: the run goes on from its newest registered checkpoint
         latest = _latest_registered(run_dir)
         assert _worker_nodes() == {nodes[0].node_id, replacement.node_id}
@@ -171,6 +178,7 @@ def main(tmp_path: Path) -> None:
             "jit_step": jit["global_step"], "total_s": time.time() - t0,
             "samples": res["samples"], "resizes": res["resizes"], "history": res["history"]}))
     finally:
+        (tmp_path / "elastic" / HOLD_MARKER).unlink(missing_ok=True)
         ray.shutdown()
         cluster.shutdown()
 

@@ -2,7 +2,8 @@
 driver's environment, one worker (rank 1, or 0 alone) dies once, abruptly, at global step N, once Ray Train took its
 last report; the marker (`FAULT_MARKER`) in the run folder keeps the restarted workers alive (tests/test_train_ray.py,
 tests/test_full_size.py). The driver hands the variable to the workers (`fault_run_config`); the training loop calls
-`maybe_inject_fault` before every step. Ray is imported only to wait for Ray Train to take the last report.
+`maybe_inject_fault` before every step, and `hold_while_alone` (`HOLD_MARKER`, tests/elastic_script.py). Ray is
+imported only to wait for Ray Train to take the last report.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from typing import Any
 
 FAULT_ENV = "OTMEL_TEST_FAIL_AT_STEP"
 FAULT_MARKER = ".fault-injected"
+# while this file is in the run folder, a worker group of one worker waits before each step (tests/elastic_script.py:
+# the run must still be going when the node it grows onto joins; a tiny model's steps would otherwise end it first)
+HOLD_MARKER = ".otmel-test-hold-single-worker"
 
 
 def fault_step() -> int | None:
@@ -49,6 +53,15 @@ def maybe_inject_fault(fail_at_step: int | None, global_step: int, rank: int, wo
     os._exit(1)
 
 
+def hold_while_alone(run_dir: Path, world_size: int) -> None:
+    """Wait while `HOLD_MARKER` is in the run folder and this worker group has one worker (one stat per step)."""
+    if world_size != 1:
+        return
+    marker = run_dir / HOLD_MARKER
+    while marker.exists():
+        time.sleep(0.1)
+
+
 def _wait_until_reports_are_taken(timeout_s: float = 60.0) -> None:
     """Until Ray Train's controller took this worker's last report (Ray 2.60 holds it in a one-slot queue until its
     next poll, every 2 s): a worker dying right after a checkpoint would take it along, and the checkpoint the restart
@@ -65,4 +78,5 @@ def _wait_until_reports_are_taken(timeout_s: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-__all__ = ["FAULT_ENV", "FAULT_MARKER", "fault_run_config", "fault_step", "maybe_inject_fault"]
+__all__ = ["FAULT_ENV", "FAULT_MARKER", "HOLD_MARKER", "fault_run_config", "fault_step", "hold_while_alone",
+           "maybe_inject_fault"]

@@ -55,7 +55,7 @@ from otmel.train.worker.evaluate import encode_kg, evaluate_split
 from otmel.train.worker.faults import FAULT_ENV as FAULT_ENV
 from otmel.train.worker.faults import FAULT_MARKER as FAULT_MARKER
 from otmel.train.worker.faults import fault_run_config as fault_run_config
-from otmel.train.worker.faults import fault_step, maybe_inject_fault
+from otmel.train.worker.faults import fault_step, hold_while_alone, maybe_inject_fault
 from otmel.train.worker.mining import HardNegativeSchedule
 from otmel.train.worker.precision import Precision
 from otmel.train.worker.progress import WorkerConsole
@@ -274,6 +274,7 @@ class Worker:
             if i < skip or clock.epoch_done(epoch, st.samples):
                 continue  # consumed before the checkpoint we resumed from / past the epoch's samples (a resize)
             maybe_inject_fault(self.fail_at_step, st.global_step, self.rank, self.world, self.run_dir)
+            hold_while_alone(self.run_dir, self.world)
             if self.hard is not None:
                 batch = self.hard.augment(batch, epoch, i)  # on the CPU, then the whole batch moves
             batch = to_device(batch, self.device)
