@@ -102,11 +102,51 @@ def start_ray(*, address: str | None = None, source: str = "run.ray_address", cp
     note = other_ray_note()  # before ours runs: its own raylet is no other Ray
     # address="local": a Ray of this command's own, even when another one runs on the machine or a dead one left
     # ray_current_cluster behind; without it ray.init() joins (or fails to join) that one
-    with loopback_only():
-        ray.init(address="local", num_cpus=max(cpus, os.cpu_count() or 1), include_dashboard=dashboard,
-                 dashboard_host="127.0.0.1", **kw)
+    for attempt in (1, 2):
+        try:
+            with loopback_only():
+                ray.init(address="local", num_cpus=max(cpus, os.cpu_count() or 1), include_dashboard=dashboard,
+                         dashboard_host="127.0.0.1", **kw)
+            break
+        except Exception as exc:
+            if attempt == 2 or STARTUP_TIMEOUT not in str(exc):
+                raise
+            # Ray waits a fixed 30 s for its raylet to register: on a busy machine it can take longer. Stop what the
+            # failed start left (this process's own Ray children only) and start once more.
+            stopped = stop_own_ray_children()
+            _say(f"{prefix}: the local Ray did not start within Ray's 30 s ({exc}); stopped its {stopped} "
+                 "process(es), starting it once more")
     _say(f"{prefix}: started a local Ray of its own (listening on 127.0.0.1{note})")
     return True
+
+
+STARTUP_TIMEOUT = "timed out during startup"  # ray._private.node: the raylet did not register within 30 s
+
+_RAY_PROCESSES = ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor", "runtime_env_agent",
+                  "dashboard_agent", "ray::", "default_worker", "raylet_")
+
+
+def stop_own_ray_children() -> int:
+    """Kill this process's child processes that are Ray's (a failed `ray.init` leaves its GCS / raylet running);
+    never anything else. Returns how many."""
+    import psutil
+
+    me = psutil.Process()
+    procs = []
+    for p in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            text = " ".join([p.name(), *p.cmdline()[:3]])
+            if any(k in text for k in _RAY_PROCESSES):
+                procs.append(p)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(procs, timeout=10)
+    with contextlib.suppress(Exception):
+        import ray
+
+        ray.shutdown()
+    return len(procs)
 
 
 # ------------------------------------------------------------------------------------------ joining
