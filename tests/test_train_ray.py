@@ -5,6 +5,7 @@ run: tests/test_local_autoscaler.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -186,24 +188,37 @@ def test_resume_after_the_driver_died_skips_a_corrupt_latest_checkpoint(shards: 
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
     # the doomed driver joins this test's Ray: killing it ends its run, not the cluster
     address = ray.get_runtime_context().gcs_address
-    proc = subprocess.Popen([sys.executable, "-m", "otmel.cli", "train", *args, f"run.ray_address={address}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        snap = tmp_path / "rot" / "checkpoint_manager_snapshot.json"
+    snap = tmp_path / "rot" / "checkpoint_manager_snapshot.json"
 
-        def registered() -> int:
-            try:
-                return len(json.loads(snap.read_text()).get("checkpoint_results", []))
-            except (OSError, ValueError):  # not there yet, or being written
-                return 0
+    def registered() -> int:
+        try:
+            return len(json.loads(snap.read_text()).get("checkpoint_results", []))
+        except (OSError, ValueError):  # not there yet, or being written
+            return 0
 
-        while registered() < 2:  # Ray has registered two checkpoints (the snapshot lists them)
-            assert proc.poll() is None and time.time() < deadline, "two checkpoints never appeared"
-            time.sleep(0.3)
-    finally:
-        os.killpg(proc.pid, 9)  # the whole driver dies at once
-        proc.wait()
+    # Once in CI (cc15, a busy machine) the doomed driver exited 1 within ~20 s, before its worker logged anything,
+    # with its stderr discarded. Its stderr is kept now; a driver that dies on its own before two checkpoints is
+    # started once more (warned, with what it printed): this test is about what comes after the driver's death.
+    for attempt in (1, 2):
+        err_path = tmp_path / f"doomed-driver-{attempt}.stderr"
+        with err_path.open("w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "otmel.cli", "train", *args, f"run.ray_address={address}"],
+                                    env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while registered() < 2 and proc.poll() is None:  # Ray has registered two checkpoints (the snapshot)
+                assert time.time() < deadline, "two checkpoints never appeared"
+                time.sleep(0.3)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # it may have exited on its own
+                os.killpg(proc.pid, 9)  # the whole driver dies at once
+            proc.wait()
+        if registered() >= 2:
+            break
+        message = f"the doomed driver exited {proc.returncode} on its own: {err_path.read_text()[-3000:]}"
+        assert attempt == 1, message
+        warnings.warn(message, stacklevel=1)
+        shutil.rmtree(tmp_path / "rot", ignore_errors=True)
     snapshot = json.loads((tmp_path / "rot" / "checkpoint_manager_snapshot.json").read_text())
     latest = tmp_path / "rot" / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]  # what Ray restores
     assert len(snapshot["checkpoint_results"]) >= 2  # an older one to fall back to
