@@ -6,7 +6,7 @@
 # The whole suite runs as two pytest processes side by side, each over a fixed set of whole modules in a fixed
 # order (so no test depends on which modules ran before it in its process): the Ray Train runs through the console
 # script (the paper config at full size among them) with the autoscaling cluster and the Ray-already-there checks,
-# and the rest (cc12: 11:16 and 10:27 with test_elastic.py in the first; it moved to the second). The slow end-to-end runs wait on processes
+# and the rest (cc16: 10:54 and 11:17). The slow end-to-end runs wait on processes
 # and sockets much of the time, so two of them share the 2 cores well (three did not: cc8, every group slower).
 set -euo pipefail
 cd "$(dirname "$0")/.."
