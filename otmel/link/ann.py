@@ -107,6 +107,22 @@ def _auto_nlist(n: int) -> int:
     return int(max(1, min(4 * math.sqrt(max(n, 1)), n // 39)))
 
 
+IVFPQ_MIN_VECTORS = 1000  # a partition with fewer vectors gets a flat (exact) index instead
+
+
+def ivfpq_shape(n: int, D: int, p: AnnParams) -> tuple[int, int, int]:
+    """(lists, PQ sub-quantizers, bits per code) of the IVF-PQ index of `n` vectors of width `D` under `p` (also what
+    `otmel plan` sizes the index by)."""
+    nlist = p.nlist or _auto_nlist(n)
+    if n < 39 * nlist:  # a small partition (e.g. the entities without an image): fewer lists
+        nlist = _auto_nlist(n)
+    m = p.pq_m or max(1, D // 4)
+    if D % m:
+        raise AnnError(f"pq_m = {m} does not divide the vector dimension {D}")
+    bits = min(p.pq_bits, max(1, int(math.log2(max(2, n // 39)))))  # faiss wants >= 39 * 2^bits points
+    return nlist, m, bits
+
+
 def _build_one(x: np.ndarray, rows: np.ndarray, p: AnnParams, template: Any | None, chunk: int = 65_536) -> Any:
     """An index over `x[rows]` (x mapped: read chunk by chunk, never copied whole)."""
     faiss = _faiss()
@@ -117,16 +133,10 @@ def _build_one(x: np.ndarray, rows: np.ndarray, p: AnnParams, template: Any | No
     elif template is not None:
         index = faiss.clone_index(template)
         index.reset()
-    elif n < 1000:
+    elif n < IVFPQ_MIN_VECTORS:
         index = faiss.IndexFlatIP(D)  # too few vectors to train IVF-PQ on (a small partition): exact, and tiny
     else:
-        nlist = p.nlist or _auto_nlist(n)
-        if n < 39 * nlist:  # a small partition (e.g. the entities without an image): fewer lists
-            nlist = _auto_nlist(n)
-        m = p.pq_m or max(1, D // 4)
-        if D % m:
-            raise AnnError(f"pq_m = {m} does not divide the vector dimension {D}")
-        bits = min(p.pq_bits, max(1, int(math.log2(max(2, n // 39)))))  # faiss wants >= 39 * 2^bits points
+        nlist, m, bits = ivfpq_shape(n, D, p)
         index = faiss.IndexIVFPQ(faiss.IndexFlatIP(D), D, nlist, m, bits, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(0)
         take = np.sort(rng.choice(rows, size=min(n, p.train_size), replace=False))

@@ -18,12 +18,11 @@ RAM: the ANN structure is read into memory (the store, records included, is memo
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from otmel.link.ann import AnnParams
+from otmel.link.ann import IVFPQ_MIN_VECTORS, AnnParams, ivfpq_shape
 from otmel.link.store import Layout
 from otmel.model import OTMEL
 from otmel.model.first_stage import entity_vectors
@@ -76,10 +75,6 @@ def store_bytes(s: EntityShapes, n: int, with_images: int, text_tokens: float, d
                + n * (16 + 8 + 1) + n * (string_bytes + 32) + 6 * NPY_HEADER)
 
 
-def _auto_nlist(n: int) -> int:
-    return int(max(1, min(4 * math.sqrt(max(n, 1)), n // 39)))
-
-
 def ann_bytes(kind: str, D: int, parts: tuple[int, ...], p: AnnParams) -> int:
     """Bytes of the ANN files of a segment whose image partitions hold `parts` vectors."""
     total = 0
@@ -91,14 +86,10 @@ def ann_bytes(kind: str, D: int, parts: tuple[int, ...], p: AnnParams) -> int:
             M = p.hnsw_m
             slots = 2 * M + M / (M - 1)
             total += int(n * (4 * D + 4 * slots + 4 + 8))
-        elif n < 1000:
+        elif n < IVFPQ_MIN_VECTORS:
             total += 4 * n * D
         else:
-            nlist = p.nlist or _auto_nlist(n)
-            if n < 39 * nlist:
-                nlist = _auto_nlist(n)
-            m = p.pq_m or max(1, D // 4)
-            bits = min(p.pq_bits, max(1, int(math.log2(max(2, n // 39)))))
+            nlist, m, bits = ivfpq_shape(n, D, p)
             total += int(n * ((m * bits + 7) // 8 + 8) + nlist * D * 4 + (2 ** bits) * D * 4 + nlist * 16)
     return total
 
